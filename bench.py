@@ -1,0 +1,204 @@
+"""Throughput and memory benchmarks, always side by side in one run.
+
+Shared machines are noisy, so absolute numbers drift between runs; what this script reports
+with confidence are ratios between contenders measured in the same process, interleaved
+round by round (contender A, contender B, A, B, ...) and summarised by the median round.
+
+    python bench.py                      # CPU: small images and batch; CUDA: 224 px, bf16 AMP
+    python bench.py --arch b0 --size 224 --batch 128 --steps 20 --json
+
+Parts:
+  models   the training step (forward, backward, optimizer step) of the hand-written
+           EfficientNet (models.py) against torchvision's, B0 and B2; the hand-written one
+           also with memory_efficient=True.
+
+Memory: "activation MiB" is what autograd keeps for backward during one forward pass (the
+dominant, batch-proportional term, measured exactly on any device); "peak MiB" is
+torch.cuda.max_memory_allocated over a training step, on CUDA only.
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import models
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def activation_mib(model, images, autocast):
+    """Bytes autograd saves for backward in one forward pass, counting each storage once."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast():
+        model(images)
+    return sum(storages.values()) / 2**20
+
+
+def make_training_step(model, images, labels, autocast):
+    """One optimisation step as train.py does it: forward under autocast, backward, AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        with autocast():
+            loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def race(contenders, device, steps, rounds, warmup=2):
+    """Time each contender's step() for `steps` steps per round, interleaving contenders
+    within each round; return {name: [seconds per step, one per round]}."""
+    for step in contenders.values():
+        for _ in range(warmup):
+            step()
+    synchronize(device)
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, step in contenders.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) / steps)
+    return times
+
+
+def paired_ratio(reference_times, times, label):
+    """Speed relative to the reference, round by round (each round timed both back to back, so
+    slow drifts of a shared machine cancel): the median ratio and the range over rounds."""
+    ratios = sorted(r / t for r, t in zip(reference_times, times))
+    return {f"ratio_{label}": statistics.median(ratios),
+            f"ratio_{label}_min": ratios[0], f"ratio_{label}_max": ratios[-1]}
+
+
+def peak_mib(step, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def bench_models(args, device, autocast):
+    """Hand-written vs torchvision EfficientNet training step, B0 and B2."""
+    import torchvision  # the reference; only the benchmark and the tests import it
+
+    rows = []
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    for arch in args.arch:
+        builders = {
+            "hand-written": lambda: models.efficientnet(arch, args.classes),
+            "hand-written, memory_efficient": lambda: models.efficientnet(
+                arch, args.classes, memory_efficient=True),
+            "torchvision": lambda: getattr(torchvision.models, f"efficientnet_{arch}")(
+                num_classes=args.classes),
+        }
+        torch.manual_seed(0)
+        images = torch.randn(args.batch, 3, args.size, args.size, device=device)
+        images = images.contiguous(memory_format=memory_format)
+        labels = torch.randint(0, args.classes, (args.batch,), device=device)
+        nets, steps = {}, {}
+        for name, build in builders.items():
+            nets[name] = build().to(device, memory_format=memory_format).train()
+            if args.compile:
+                nets[name] = torch.compile(nets[name])
+            steps[name] = make_training_step(nets[name], images, labels, autocast)
+        times = race(steps, device, args.steps, args.rounds)
+        for name in builders:
+            rows.append(dict(
+                part="models", arch=arch, model=name,
+                images_per_s=args.batch / statistics.median(times[name]),
+                **paired_ratio(times["torchvision"], times[name], "vs_torchvision"),
+                activation_mib=activation_mib(nets[name], images, autocast),
+                peak_mib=peak_mib(steps[name], device)))
+    return rows
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def describe(device, args):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
+                device=f"{device.type}: {name}",
+                threads=torch.get_num_threads(), size=args.size, batch=args.batch,
+                steps=args.steps, rounds=args.rounds, amp=args.amp,
+                channels_last=args.channels_last, compile=args.compile)
+
+
+def print_table(setting, rows):
+    print(" ".join(f"{k}={v}" for k, v in setting.items()))
+    print(f"{'arch':4}  {'model':32} {'img/s':>9} {'vs torchvision (range)':>23} "
+          f"{'act MiB':>9} {'peak MiB':>9}")
+    for r in rows:
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        ratio = (f"{r['ratio_vs_torchvision']:.3f} ({r['ratio_vs_torchvision_min']:.2f}-"
+                 f"{r['ratio_vs_torchvision_max']:.2f})")
+        print(f"{r['arch']:4}  {r['model']:32} {r['images_per_s']:9.1f} {ratio:>23} "
+              f"{r['activation_mib']:9.1f} {peak:>9}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--arch", nargs="+", default=["b0", "b2"], choices=sorted(models.VARIANTS))
+    parser.add_argument("--size", type=int, help="image side in pixels (CPU 112, CUDA 224)")
+    parser.add_argument("--batch", type=int, help="batch size (CPU 16, CUDA 128)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds; median reported")
+    parser.add_argument("--classes", type=int, default=8)
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on for CUDA, off for CPU)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels_last memory format (default: on for CUDA, off for CPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    args.size = args.size or (224 if on_gpu else 112)
+    args.batch = args.batch or (128 if on_gpu else 16)
+    args.amp = on_gpu if args.amp is None else args.amp
+    args.channels_last = on_gpu if args.channels_last is None else args.channels_last
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+
+    setting = describe(device, args)
+    rows = bench_models(args, device, autocast)
+    if args.json:
+        print(json.dumps(dict(setting=setting, rows=rows), indent=1))
+    else:
+        print_table(setting, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""EfficientNet-B0 and B2, written by hand in plain PyTorch.
+
+The HMTL paper (Pourmirzaei et al., arXiv 2105.06421) trains EfficientNet-B0 and B2 encoders
+from scratch or from ImageNet. This file is the whole backbone: read it top to bottom.
+
+EfficientNet (Tan & Le, ICML 2019) is a stack of MBConv blocks (MobileNetV2's inverted
+residual + squeeze-and-excitation) whose stages are given by one table for B0; bigger variants
+scale the table's widths and depths by two numbers (section 3.3 of that paper).
+
+The module names, parameter names and shapes are exactly torchvision's, so
+`model.load_state_dict(torchvision_model.state_dict(), strict=True)` works and the test suite
+proves the logits agree to 1e-5. Nothing here imports torchvision.
+
+Entry points: `efficientnet_b0(num_classes)`, `efficientnet_b2(num_classes)`, and
+`load_imagenet_weights(model)`. For the HMTL heads a model also gives
+`forward_features(x)` (the last feature map, before pooling), `pool(feature_map)` (the pooled
+feature) and `num_features` (its width: 1280 for B0, 1408 for B2).
+"""
+
+import math
+import os
+import urllib.error
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------
+# The B0 table (Tan & Le 2019, Table 1): one row per stage.
+#   expand: channel expansion of the MBConv's 1x1 conv;  kernel: depthwise kernel size;
+#   stride: of the first block in the stage;  in/out: channels;  repeats: blocks in the stage.
+B0_STAGES = [
+    # expand, kernel, stride, in, out, repeats
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+]
+
+# Compound scaling coefficients: (width multiplier, depth multiplier, dropout before the
+# classifier, native resolution). B0 and B2 as published; resolution is informational only.
+VARIANTS = {
+    "b0": dict(width=1.0, depth=1.0, dropout=0.2, resolution=224),
+    "b2": dict(width=1.1, depth=1.2, dropout=0.3, resolution=260),
+}
+
+STOCHASTIC_DEPTH = 0.2  # drop probability reached by the last block, rising linearly from 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The two scaling rules.
+
+def scale_width(channels, width_mult, divisor=8):
+    """Channels times the width multiplier, rounded to a multiple of 8 (hardware-friendly),
+    but never more than 10 % below the exact target."""
+    target = channels * width_mult
+    rounded = max(divisor, int(target + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * target:
+        rounded += divisor
+    return rounded
+
+
+def scale_depth(repeats, depth_mult):
+    """Blocks in a stage times the depth multiplier, rounded up."""
+    return int(math.ceil(repeats * depth_mult))
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks. Module names mirror torchvision's so that state_dict keys match.
+
+class BatchNormSiLU(torch.autograd.Function):
+    """SiLU(BatchNorm(x)) that keeps only x for backward.
+
+    Autograd would keep three tensors per conv-BN-SiLU: the conv output (for BN's gradient),
+    the BN output (for SiLU's) and the SiLU output (for the next conv's). The BN output is a
+    per-channel affine map of the conv output, so backward recomputes it in one pass instead
+    of storing it: about a third less activation memory, with identical values and gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var,
+                                                  training, momentum, eps)
+        ctx.save_for_backward(x, weight, bias, running_mean, running_var, mean, invstd)
+        ctx.training, ctx.eps = training, eps
+        return F.silu(y, inplace=True)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, running_mean, running_var, mean, invstd = ctx.saved_tensors
+        if not ctx.training:  # eval-mode BN normalises with the running statistics
+            mean, invstd = running_mean, (running_var + ctx.eps).rsqrt()
+        scale = invstd * weight
+        shift = bias - mean * scale
+        y = torch.addcmul(shift[:, None, None], x, scale[:, None, None]).to(x.dtype)
+        grad_y = torch.ops.aten.silu_backward(grad_out, y)
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, weight, running_mean, running_var, mean if ctx.training else None,
+            invstd if ctx.training else None, ctx.training, ctx.eps, list(ctx.needs_input_grad[:3]))
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv (no bias) -> BatchNorm -> SiLU (or no activation). Children "0", "1", as in
+    torchvision's Conv2dNormActivation."""
+
+    def __init__(self, in_ch, out_ch, kernel, stride=1, groups=1, activation=True,
+                 memory_efficient=False):
+        layers = [
+            nn.Conv2d(in_ch, out_ch, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(out_ch),
+        ]
+        if activation:
+            layers.append(nn.SiLU(inplace=True))
+        super().__init__(*layers)
+        self.activation = activation
+        self.memory_efficient = memory_efficient
+
+    def forward(self, x):
+        x = self[0](x)
+        if not self.activation:
+            return self[1](x)
+        if not (self.memory_efficient and torch.is_grad_enabled()):
+            return self[2](self[1](x))
+        bn = self[1]
+        if bn.training:
+            bn.num_batches_tracked.add_(1)
+        return BatchNormSiLU.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                   bn.training, bn.momentum, bn.eps)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention (Hu et al. 2018): global average -> reduce -> SiLU -> expand -> sigmoid
+    -> rescale the channels. The two 1x1 convs are kept as Conv2d parameters (torchvision's
+    keys and shapes) but applied as matrix products on the pooled (N, C) vector, which skips
+    the 4-D convolution machinery for a 1x1 spatial map."""
+
+    def __init__(self, channels, squeeze_channels):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze_channels, 1)
+        self.fc2 = nn.Conv2d(squeeze_channels, channels, 1)
+
+    def forward(self, x):
+        scale = x.mean((2, 3))
+        scale = F.silu(F.linear(scale, self.fc1.weight.flatten(1), self.fc1.bias))
+        scale = torch.sigmoid(F.linear(scale, self.fc2.weight.flatten(1), self.fc2.bias))
+        return x * scale[:, :, None, None]
+
+
+class MBConv(nn.Module):
+    """Inverted residual block: 1x1 expand -> depthwise kxk -> squeeze-excite -> 1x1 project
+    (no activation), plus the identity shortcut when shapes allow. The SE bottleneck is sized
+    from the block's *input* channels (a quarter of them), as in the reference."""
+
+    def __init__(self, in_ch, out_ch, expand, kernel, stride, drop_prob, memory_efficient=False):
+        super().__init__()
+        hidden = scale_width(in_ch, expand)
+        layers = []
+        if hidden != in_ch:
+            layers.append(ConvBNAct(in_ch, hidden, 1, memory_efficient=memory_efficient))
+        layers += [
+            ConvBNAct(hidden, hidden, kernel, stride, groups=hidden,
+                      memory_efficient=memory_efficient),
+            SqueezeExcite(hidden, max(1, in_ch // 4)),
+            ConvBNAct(hidden, out_ch, 1, activation=False),
+        ]
+        self.block = nn.Sequential(*layers)
+        self.use_shortcut = stride == 1 and in_ch == out_ch
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        out = self.block(x)
+        if not self.use_shortcut:
+            return out
+        if self.training and self.drop_prob > 0:
+            # Stochastic depth (Huang et al. 2016), per sample: drop the residual branch with
+            # probability p and scale survivors by 1/(1-p), fused with the shortcut addition.
+            keep = 1.0 - self.drop_prob
+            mask = torch.empty(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device)
+            mask = mask.bernoulli_(keep).div_(keep)
+            return torch.addcmul(x, out, mask)
+        return out + x
+
+
+class EfficientNet(nn.Module):
+    """Stem conv -> the scaled stages of MBConv blocks -> 1x1 head conv -> average pool ->
+    dropout -> linear classifier."""
+
+    def __init__(self, width, depth, dropout, num_classes=1000, stochastic_depth=STOCHASTIC_DEPTH,
+                 memory_efficient=False, resolution=None):
+        super().__init__()
+        stages = [(e, k, s, scale_width(i, width), scale_width(o, width), scale_depth(n, depth))
+                  for e, k, s, i, o, n in B0_STAGES]
+        total_blocks = sum(n for *_, n in stages)
+
+        layers = [ConvBNAct(3, stages[0][3], 3, stride=2, memory_efficient=memory_efficient)]
+        block_index = 0
+        for expand, kernel, stride, in_ch, out_ch, repeats in stages:
+            blocks = []
+            for r in range(repeats):
+                # Only the stage's first block changes stride and width.
+                drop_prob = stochastic_depth * block_index / total_blocks
+                blocks.append(MBConv(in_ch if r == 0 else out_ch, out_ch, expand, kernel,
+                                     stride if r == 0 else 1, drop_prob, memory_efficient))
+                block_index += 1
+            layers.append(nn.Sequential(*blocks))
+        self.num_features = 4 * stages[-1][4]
+        layers.append(ConvBNAct(stages[-1][4], self.num_features, 1,
+                                memory_efficient=memory_efficient))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(dropout, inplace=True),
+                                        nn.Linear(self.num_features, num_classes))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # The reference initialisation: He-normal (fan-out) convs, unit BN, small uniform linear.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.out_features)
+                nn.init.uniform_(m.weight, -bound, bound)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x):
+        """The last feature map, (N, num_features, H/32, W/32): what decoders and heads use."""
+        return self.features(x)
+
+    def pool(self, feature_map):
+        """Global average pool: the (N, num_features) embedding every task head reads."""
+        return feature_map.mean((2, 3))
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.forward_features(x)))
+
+
+def efficientnet(arch, num_classes=1000, **kwargs):
+    """`arch` is "b0" or "b2"; keyword arguments override the variant's defaults."""
+    if arch not in VARIANTS:
+        raise ValueError(f"unknown EfficientNet variant {arch!r}; choose from {sorted(VARIANTS)}")
+    return EfficientNet(num_classes=num_classes, **{**VARIANTS[arch], **kwargs})
+
+
+def efficientnet_b0(num_classes=1000, **kwargs):
+    return efficientnet("b0", num_classes, **kwargs)
+
+
+def efficientnet_b2(num_classes=1000, **kwargs):
+    return efficientnet("b2", num_classes, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet initialisation (the paper's first experiment compares it with training from
+# scratch). These are torchvision's IMAGENET1K_V1 weights; since the parameter names match, the
+# file loads as it is. Inputs must then be normalised with IMAGENET_MEAN / IMAGENET_STD.
+
+IMAGENET_WEIGHTS = {
+    "b0": "https://download.pytorch.org/models/efficientnet_b0_rwightman-7f5810bc.pth",
+    "b2": "https://download.pytorch.org/models/efficientnet_b2_rwightman-c35c1473.pth",
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_weights_path(arch):
+    """Where the weights file is looked for: torch's hub cache, the same place torchvision
+    downloads it to (so a copy already fetched by torchvision is reused)."""
+    filename = IMAGENET_WEIGHTS[arch].rsplit("/", 1)[1]
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+
+def load_imagenet_weights(model, arch, path=None):
+    """Load torchvision's ImageNet weights for `arch` into `model`, every parameter but the
+    classifier, which stays freshly initialised for the task (unless the model is 1000-way).
+
+    `path` overrides the file location. Without it, the hub cache is tried, then a download;
+    if neither works, one RuntimeError line says which file to place where."""
+    if arch not in IMAGENET_WEIGHTS:
+        raise ValueError(f"no ImageNet weights for {arch!r}; choose from {sorted(IMAGENET_WEIGHTS)}")
+    url = IMAGENET_WEIGHTS[arch]
+    if path is None:
+        path = imagenet_weights_path(arch)
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(url, path, progress=False)
+            except (urllib.error.URLError, OSError) as err:
+                raise RuntimeError(f"cannot download ImageNet weights for EfficientNet-{arch.upper()} "
+                                   f"({err.__class__.__name__}): place {url} at {path}") from None
+    elif not os.path.exists(path):
+        raise RuntimeError(f"ImageNet weights file {path} does not exist (expected {url})")
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    if state.get("classifier.1.weight", torch.empty(0)).shape != own["classifier.1.weight"].shape:
+        state.pop("classifier.1.weight", None)  # a 1000-way ImageNet head: the task keeps its own
+        state.pop("classifier.1.bias", None)
+    missing = [k for k in own if k not in state and not k.startswith("classifier.1.")]
+    wrong = [k for k in state if k not in own or state[k].shape != own[k].shape]
+    if missing or wrong:
+        raise RuntimeError(f"{path} is not an EfficientNet-{arch.upper()} state_dict: "
+                           f"{len(missing)} keys missing, {len(wrong)} unexpected or of another "
+                           f"shape (first: {(missing + wrong)[0]})")
+    model.load_state_dict(state, strict=False)
+    return model
