@@ -7,10 +7,12 @@ round by round (contender A, contender B, A, B, ...) and summarised by the media
     python bench.py                      # CPU: small images and batch; CUDA: 224 px, bf16 AMP
     python bench.py --arch b0 --size 224 --batch 128 --steps 20 --json
 
-Parts:
+Parts (`python bench.py models hmtl`; all by default):
   models   the training step (forward, backward, optimizer step) of the hand-written
            EfficientNet (models.py) against torchvision's, B0 and B2; the hand-written one
            also with memory_efficient=True.
+  hmtl     the HMTL training step (joint loss, pretext transform batched on the device) with
+           puzzling and with in-painting, against plain supervised learning (SL).
 
 Memory: "activation MiB" is what autograd keeps for backward during one forward pass (the
 dominant, batch-proportional term, measured exactly on any device); "peak MiB" is
@@ -49,17 +51,29 @@ def activation_mib(model, images, autocast):
     return sum(storages.values()) / 2**20
 
 
-def make_training_step(model, images, labels, autocast):
-    """One optimisation step as train.py does it: forward under autocast, backward, AdamW."""
+def make_step(model, compute_loss, autocast):
+    """One optimisation step as train.py does it: the loss under autocast, backward, AdamW."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step():
         with autocast():
-            loss = F.cross_entropy(model(images), labels)
+            loss = compute_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return step
+
+
+def random_batch(args, device):
+    """The same seeded batch of images and labels for every contender."""
+    torch.manual_seed(0)
+    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    labels = torch.randint(0, args.classes, (args.batch,), device=device)
+    return images.contiguous(memory_format=memory_format(args)), labels
+
+
+def memory_format(args):
+    return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
 def race(contenders, device, steps, rounds, warmup=2):
@@ -104,7 +118,6 @@ def bench_models(args, device, autocast):
     import torchvision  # the reference; only the benchmark and the tests import it
 
     rows = []
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     for arch in args.arch:
         builders = {
             "hand-written": lambda: models.efficientnet(arch, args.classes),
@@ -113,16 +126,13 @@ def bench_models(args, device, autocast):
             "torchvision": lambda: getattr(torchvision.models, f"efficientnet_{arch}")(
                 num_classes=args.classes),
         }
-        torch.manual_seed(0)
-        images = torch.randn(args.batch, 3, args.size, args.size, device=device)
-        images = images.contiguous(memory_format=memory_format)
-        labels = torch.randint(0, args.classes, (args.batch,), device=device)
+        images, labels = random_batch(args, device)
         nets, steps = {}, {}
         for name, build in builders.items():
-            nets[name] = build().to(device, memory_format=memory_format).train()
-            if args.compile:
-                nets[name] = torch.compile(nets[name])
-            steps[name] = make_training_step(nets[name], images, labels, autocast)
+            net = build().to(device, memory_format=memory_format(args)).train()
+            nets[name] = torch.compile(net) if args.compile else net
+            steps[name] = make_step(
+                nets[name], lambda net=nets[name]: F.cross_entropy(net(images), labels), autocast)
         times = race(steps, device, args.steps, args.rounds)
         for name in builders:
             rows.append(dict(
@@ -130,6 +140,32 @@ def bench_models(args, device, autocast):
                 images_per_s=args.batch / statistics.median(times[name]),
                 **paired_ratio(times["torchvision"], times[name], "vs_torchvision"),
                 activation_mib=activation_mib(nets[name], images, autocast),
+                peak_mib=peak_mib(steps[name], device)))
+    return rows
+
+
+def bench_hmtl(args, device, autocast):
+    """HMTL training step (joint loss: task + pretext, pretext transform on the device)
+    against plain supervised learning, same batch and size."""
+    import hmtl
+
+    rows = []
+    for arch in args.arch:
+        images, labels = random_batch(args, device)
+        contenders = {"SL": dict(ssl="none"), "SL + puzzle": dict(ssl="puzzle"),
+                      "SL + inpaint (perceptual: backbone)": dict(ssl="inpaint")}
+        steps = {}
+        for name, config in contenders.items():
+            net = hmtl.HMTL(arch, "classify", args.classes, **config).to(
+                device, memory_format=memory_format(args)).train()
+            steps[name] = make_step(net, lambda net=net: net.losses(images, labels)[0]["loss"],
+                                    autocast)
+        times = race(steps, device, args.steps, args.rounds)
+        for name in contenders:
+            rows.append(dict(
+                part="hmtl", arch=arch, model=name,
+                images_per_s=args.batch / statistics.median(times[name]),
+                **paired_ratio(times["SL"], times[name], "vs_sl"),
                 peak_mib=peak_mib(steps[name], device)))
     return rows
 
@@ -151,21 +187,24 @@ def describe(device, args):
                 channels_last=args.channels_last, compile=args.compile)
 
 
-def print_table(setting, rows):
-    print(" ".join(f"{k}={v}" for k, v in setting.items()))
-    print(f"{'arch':4}  {'model':32} {'img/s':>9} {'vs torchvision (range)':>23} "
+def print_table(rows, baseline):
+    """One table per part: images/s, speed relative to the part's baseline, memory."""
+    key = f"ratio_vs_{baseline}"
+    print(f"{'arch':4}  {'model':36} {'img/s':>9} {'vs ' + baseline + ' (range)':>24} "
           f"{'act MiB':>9} {'peak MiB':>9}")
     for r in rows:
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        ratio = (f"{r['ratio_vs_torchvision']:.3f} ({r['ratio_vs_torchvision_min']:.2f}-"
-                 f"{r['ratio_vs_torchvision_max']:.2f})")
-        print(f"{r['arch']:4}  {r['model']:32} {r['images_per_s']:9.1f} {ratio:>23} "
-              f"{r['activation_mib']:9.1f} {peak:>9}")
+        act = f"{r['activation_mib']:.1f}" if "activation_mib" in r else "-"
+        ratio = f"{r[key]:.3f} ({r[key + '_min']:.2f}-{r[key + '_max']:.2f})"
+        print(f"{r['arch']:4}  {r['model']:36} {r['images_per_s']:9.1f} {ratio:>24} "
+              f"{act:>9} {peak:>9}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="*", default=list(PARTS), choices=list(PARTS),
+                        help="which benchmarks to run (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--arch", nargs="+", default=["b0", "b2"], choices=sorted(models.VARIANTS))
     parser.add_argument("--size", type=int, help="image side in pixels (CPU 112, CUDA 224)")
@@ -192,12 +231,23 @@ def main(argv=None):
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
     setting = describe(device, args)
-    rows = bench_models(args, device, autocast)
+    if not args.json:
+        print(" ".join(f"{k}={v}" for k, v in setting.items()))
+    rows = []
+    for part in args.parts:
+        run, baseline = PARTS[part]
+        part_rows = run(args, device, autocast)
+        rows += part_rows
+        if not args.json:
+            print(f"\n[{part}]")
+            print_table(part_rows, baseline)
     if args.json:
         print(json.dumps(dict(setting=setting, rows=rows), indent=1))
-    else:
-        print_table(setting, rows)
     return rows
+
+
+# part name -> (function, the contender the ratios are relative to)
+PARTS = {"models": (bench_models, "torchvision"), "hmtl": (bench_hmtl, "sl")}
 
 
 if __name__ == "__main__":

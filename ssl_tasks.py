@@ -1,0 +1,266 @@
+"""The self-supervised pretext tasks of HMTL: puzzling and region-masking in-painting.
+
+Pourmirzaei et al. (arXiv 2105.06421) train a facial task jointly with one of these on a shared
+encoder. Everything here works on a whole batch on its device (the GPU in real runs): no
+per-sample Python loop, nothing in the data loader.
+
+Each transform is a small function with its own docstring, written to be copied on its own:
+  puzzle / unpuzzle               shuffle the tiles of a g x g grid, and undo it
+  PuzzleHead, puzzle_loss         predict, for each grid position, which tile sits there
+  region_boxes, region_mask       facial-part boxes from 68 landmarks or canonical positions
+  mask_images                     blank out the masked regions
+  InpaintDecoder, inpaint_loss    reconstruct the image; masked L1 + perceptual loss
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------
+# Puzzling (the official HMTL code): cut the image into a grid, shuffle the tiles with a
+# uniformly random permutation per sample, and ask the network where each tile came from.
+
+
+def permute_tiles(images, index, grid):
+    """Rearrange the tiles of a g x g grid: output position i (row-major) receives input tile
+    index[b, i]. images (N, C, H, W); index (N, g*g) long.
+
+    When H or W is not a multiple of g, the grid covers the top-left (H - H % g) x (W - W % g)
+    pixels and the few leftover rows at the bottom and columns at the right stay where they are:
+    no resampling, so the operation is exactly invertible and the image keeps its size."""
+    n, c, h, w = images.shape
+    th, tw = h // grid, w // grid
+    body = images[:, :, :th * grid, :tw * grid]
+    tiles = body.reshape(n, c, grid, th, grid, tw).permute(0, 2, 4, 1, 3, 5)
+    tiles = tiles.reshape(n, grid * grid, c, th, tw)
+    tiles = tiles[torch.arange(n, device=images.device)[:, None], index.to(images.device)]
+    body = tiles.reshape(n, grid, grid, c, th, tw).permute(0, 3, 1, 4, 2, 5)
+    body = body.reshape(n, c, th * grid, tw * grid)
+    if th * grid == h and tw * grid == w:
+        return body.contiguous(memory_format=memory_format_of(images))
+    out = images.clone()
+    out[:, :, :th * grid, :tw * grid] = body
+    return out
+
+
+def memory_format_of(images):
+    return torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) \
+        and not images.is_contiguous() else torch.contiguous_format
+
+
+def puzzle(images, grid=3, generator=None):
+    """Shuffle each image's g x g tiles with its own uniformly random permutation (all (g*g)!
+    permutations equally likely, no fixed subset).
+
+    Returns (puzzled, order), where order[b, i] is the index of the original tile now at grid
+    position i (row-major). `generator` makes the draw reproducible."""
+    n = images.shape[0]
+    device = generator.device if generator is not None else images.device
+    # argsort of i.i.d. uniform keys is a uniformly random permutation (ties have probability 0)
+    order = torch.rand(n, grid * grid, generator=generator, device=device).argsort(dim=1)
+    order = order.to(images.device)
+    return permute_tiles(images, order, grid), order
+
+
+def unpuzzle(puzzled, order, grid=3):
+    """The inverse of puzzle(): put every tile back where it came from."""
+    return permute_tiles(puzzled, order.argsort(dim=1), grid)
+
+
+class PuzzleHead(nn.Module):
+    """g*g classifiers, one per grid position, each over the g*g tiles, on the pooled feature
+    (as the official code): one Linear to (g*g)^2 logits, viewed as (N, positions, tiles)."""
+
+    def __init__(self, in_features, grid=3, dropout=0.2):
+        super().__init__()
+        self.grid = grid
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(in_features, grid ** 4)
+
+    def forward(self, pooled):
+        return self.linear(self.dropout(pooled)).view(-1, self.grid ** 2, self.grid ** 2)
+
+
+def puzzle_loss(logits, order):
+    """Cross-entropy per grid position, averaged over positions (so λ keeps its meaning across
+    grid sizes; the official code summed them)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), order.flatten())
+
+
+# ----------------------------------------------------------------------------------------------
+# Region-masking in-painting ("in-painting-pl", the paper's best). Our design, as the paper's
+# body is not public: blank out whole facial parts and reconstruct them from the shared
+# encoder's feature map, with a perceptual loss so that the encoder must model the parts.
+
+REGIONS = ("right_eye", "left_eye", "right_brow", "left_brow", "nose", "mouth")
+
+# The 68-point iBUG/300-W landmark convention (0-based; "right" is the subject's right, which
+# sits on the left of the image).
+LANDMARK_GROUPS = {
+    "right_brow": range(17, 22), "left_brow": range(22, 27), "nose": range(27, 36),
+    "right_eye": range(36, 42), "left_eye": range(42, 48), "mouth": range(48, 68),
+}
+
+# Without landmarks: where the parts sit in a face crop (box around the face with a margin),
+# as fractions (x0, y0, x1, y1) of the crop. Our choice, checked on the demo faces and typical
+# AffectNet crops; region_boxes() jitters them per sample.
+CANONICAL_BOXES = {
+    "right_eye": (0.20, 0.33, 0.45, 0.48), "left_eye": (0.55, 0.33, 0.80, 0.48),
+    "right_brow": (0.17, 0.22, 0.46, 0.33), "left_brow": (0.54, 0.22, 0.83, 0.33),
+    "nose": (0.39, 0.42, 0.61, 0.66), "mouth": (0.30, 0.66, 0.70, 0.86),
+}
+
+
+def region_boxes(batch_size, height, width, landmarks=None, has_landmarks=None, margin=0.25,
+                 jitter=0.04, generator=None, device="cpu"):
+    """Boxes (N, len(REGIONS), 4) as pixel (x0, y0, x1, y1), one per facial region.
+
+    Samples with landmarks (landmarks (N, 68, 2) in pixels of the image as the network sees it,
+    has_landmarks (N,) bool, default all) get each group's bounding box grown by `margin` of its size on
+    every side (at least 2 px). The others get CANONICAL_BOXES, shifted by up to `jitter` of
+    the image size and scaled by up to 2 * `jitter`, independently per box."""
+    canonical = torch.tensor([CANONICAL_BOXES[r] for r in REGIONS], device=device)
+    canonical = canonical * torch.tensor([width, height, width, height], device=device)
+    boxes = canonical.expand(batch_size, -1, -1)
+    if jitter > 0:
+        size = torch.tensor([width, height], device=device)
+        noise = torch.rand(batch_size, len(REGIONS), 4, generator=generator,
+                           device=generator.device if generator is not None else device)
+        noise = (noise.to(device) * 2 - 1) * jitter
+        shift = noise[..., :2] * size
+        grow = noise[..., 2:] * (canonical[:, 2:] - canonical[:, :2])
+        boxes = torch.cat([boxes[..., :2] + shift - grow, boxes[..., 2:] + shift + grow], -1)
+    if landmarks is not None:
+        if has_landmarks is None:
+            has_landmarks = torch.ones(batch_size, dtype=torch.bool)
+        landmarks = landmarks.to(device=device, dtype=torch.float32)
+        groups = [landmarks[:, list(LANDMARK_GROUPS[r])] for r in REGIONS]
+        low = torch.stack([g.amin(1) for g in groups], 1)
+        high = torch.stack([g.amax(1) for g in groups], 1)
+        pad = ((high - low) * margin).clamp(min=2.0)
+        from_landmarks = torch.cat([low - pad, high + pad], -1)
+        use = has_landmarks.to(device).view(-1, 1, 1)
+        boxes = torch.where(use, from_landmarks, boxes)
+    limit = torch.tensor([width, height, width, height], device=device, dtype=boxes.dtype)
+    return torch.minimum(boxes.clamp(min=0), limit)
+
+
+def region_mask(boxes, height, width, regions_per_image=2, generator=None):
+    """A (N, 1, H, W) float mask, 1 inside `regions_per_image` distinct regions chosen
+    uniformly at random per sample, 0 elsewhere. boxes as from region_boxes()."""
+    n, r, _ = boxes.shape
+    device = boxes.device
+    keys = torch.rand(n, r, generator=generator,
+                      device=generator.device if generator is not None else device).to(device)
+    chosen = keys.argsort(1)[:, :regions_per_image]
+    picked = boxes.gather(1, chosen[..., None].expand(-1, -1, 4))           # (N, k, 4)
+    xs = torch.arange(width, device=device, dtype=boxes.dtype) + 0.5       # pixel centres
+    ys = torch.arange(height, device=device, dtype=boxes.dtype) + 0.5
+    inside_x = (xs >= picked[..., 0:1]) & (xs < picked[..., 2:3])          # (N, k, W)
+    inside_y = (ys >= picked[..., 1:2]) & (ys < picked[..., 3:4])          # (N, k, H)
+    inside = (inside_y[..., :, None] & inside_x[..., None, :]).any(1)     # (N, H, W)
+    return inside[:, None].float()
+
+
+def mask_images(images, mask, fill="zero"):
+    """Blank the masked pixels: "zero" (the dataset mean, on normalised inputs) or "mean" (each
+    image's own mean colour)."""
+    if fill == "zero":
+        value = torch.zeros((), dtype=images.dtype, device=images.device)
+    elif fill == "mean":
+        value = images.mean((2, 3), keepdim=True)
+    else:
+        raise ValueError(f"unknown fill {fill!r}; choose 'zero' or 'mean'")
+    return torch.where(mask.bool(), value, images)
+
+
+class InpaintDecoder(nn.Module):
+    """A light decoder from the encoder's last feature map (stride 32) back to the image: a 1x1
+    reduction to `width` channels, four (upsample x2 -> 3x3 conv -> BN -> SiLU) stages halving
+    the width, a 3x3 conv to RGB at stride 2, and a bilinear resize to the input size.
+    Stopping at stride 2 keeps the decoder at about a fifth of B0's FLOPs; the masked facial
+    parts are large blobs, which half resolution reconstructs well enough."""
+
+    def __init__(self, in_channels, width=128, out_channels=3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.SiLU()]
+        for _ in range(4):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"),
+                       nn.Conv2d(width, width // 2, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(width // 2), nn.SiLU()]
+            width //= 2
+        layers.append(nn.Conv2d(width, out_channels, 3, padding=1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, feature_map, size):
+        return F.interpolate(self.layers(feature_map), size=tuple(size), mode="bilinear",
+                             align_corners=False)
+
+
+def frozen_features(layers, images):
+    """`layers` as a fixed feature extractor: BatchNorm in eval mode (running statistics, not
+    updated) and parameters detached, so the loss can move the images but never the network.
+    Otherwise the encoder could lower the perceptual loss by making its early features
+    constant."""
+    params = {name: p.detach() for name, p in layers.named_parameters()}
+    modes = [(m, m.training) for m in layers.modules()]
+    layers.eval()
+    try:
+        return torch.func.functional_call(layers, params, (images,))
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def inpaint_loss(reconstruction, images, mask, perceptual_net=None, perceptual_weight=1.0):
+    """Masked-region L1 + perceptual loss. Returns (total, l1, perceptual).
+
+    Only the masked regions are judged. The L1 term averages |reconstruction - image| over the
+    masked pixels. The perceptual term passes the composite (reconstruction inside the mask, the
+    image outside) and the image through `perceptual_net` (images in, feature map out; None for
+    no perceptual term) and takes the L1 distance of the features over the feature cells that
+    the mask touches, relative to the image features' mean magnitude there. Relative, because
+    the features' scale drifts during training, and a fixed weight should keep its meaning.
+    A perfect reconstruction of the masked regions gives exactly zero."""
+    reconstruction = reconstruction.float()
+    images = images.float()
+    masked_pixels = mask.sum() * images.shape[1]
+    l1 = ((reconstruction - images).abs() * mask).sum() / masked_pixels.clamp(min=1)
+    perceptual = torch.zeros((), device=images.device)
+    if perceptual_net is not None:
+        composite = images + mask * (reconstruction - images)
+        with torch.no_grad():
+            target = perceptual_net(images).float()
+        features = perceptual_net(composite).float()
+        cells = F.adaptive_max_pool2d(mask.float(), target.shape[-2:])  # cells the mask touches
+        perceptual = ((features - target).abs() * cells).sum() / \
+            ((target.abs() * cells).sum() + 1e-6)
+    return l1 + perceptual_weight * perceptual, l1, perceptual
+
+
+VGG16_LAYERS = 16  # features[:16]: up to relu3_3, the usual perceptual layers
+
+
+def vgg16_perceptual_net(weights_path=None):
+    """torchvision's ImageNet VGG16 up to relu3_3, frozen. Needs the weights file
+    `vgg16-397923af.pth` in torch's hub cache (or `weights_path`; only its `features.*` entries
+    are read). Without it, one line says where to put it. Expects ImageNet-normalised inputs."""
+    import torchvision  # only this option needs it
+
+    url = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
+    path = weights_path or f"{torch.hub.get_dir()}/checkpoints/{url.rsplit('/', 1)[1]}"
+    try:
+        if weights_path is None:
+            torch.hub.load_state_dict_from_url(url, progress=False)  # cache hit, or download
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as err:  # no network, missing or unreadable file
+        raise RuntimeError(f"--perceptual vgg16 needs the VGG16 ImageNet weights "
+                           f"({err.__class__.__name__}): place {url} at {path}") from None
+    features = torchvision.models.vgg16().features[:VGG16_LAYERS]
+    wanted = {f"features.{k}" for k in features.state_dict()}
+    missing = sorted(wanted - set(state))
+    if missing:
+        raise RuntimeError(f"{path} is not a VGG16 state_dict: {len(missing)} of its "
+                           f"features.* entries are missing (first: {missing[0]})")
+    features.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k in wanted})
+    return features.eval().requires_grad_(False)
