@@ -101,13 +101,14 @@ LANDMARK_GROUPS = {
     "right_eye": range(36, 42), "left_eye": range(42, 48), "mouth": range(48, 68),
 }
 
-# Without landmarks: where the parts sit in a face crop (box around the face with a margin),
-# as fractions (x0, y0, x1, y1) of the crop. Our choice, checked on the demo faces and typical
-# AffectNet crops; region_boxes() jitters them per sample.
+# Without landmarks: where the parts sit in a face crop (a detector's face box grown by 10 % on
+# each side and squared, as data.py crops AffectNet), as fractions (x0, y0, x1, y1) of the
+# crop. Our choice, set from the median landmark boxes of the demo faces (checked in the tests);
+# region_boxes() jitters them per sample.
 CANONICAL_BOXES = {
-    "right_eye": (0.20, 0.33, 0.45, 0.48), "left_eye": (0.55, 0.33, 0.80, 0.48),
-    "right_brow": (0.17, 0.22, 0.46, 0.33), "left_brow": (0.54, 0.22, 0.83, 0.33),
-    "nose": (0.39, 0.42, 0.61, 0.66), "mouth": (0.30, 0.66, 0.70, 0.86),
+    "right_eye": (0.25, 0.37, 0.47, 0.51), "left_eye": (0.53, 0.37, 0.75, 0.51),
+    "right_brow": (0.22, 0.27, 0.48, 0.38), "left_brow": (0.52, 0.27, 0.78, 0.38),
+    "nose": (0.40, 0.39, 0.60, 0.64), "mouth": (0.34, 0.65, 0.66, 0.81),
 }
 
 

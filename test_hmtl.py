@@ -4,15 +4,23 @@ torchvision is imported here (and in bench.py) only as the reference the hand-wr
 EfficientNet is proven against.
 """
 
+import json
+import math
+import sys
 import urllib.error
+from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 
 import bench
+import data
 import hmtl
 import models
 import ssl_tasks
@@ -543,6 +551,459 @@ def test_recipes_cover_every_experiment_and_set_only_known_settings():
     assert hmtl.recipe("affectnet8-inpaint-b2")["arch"] == "b2"
     with pytest.raises(ValueError, match="unknown recipe 'nope'; known: .*demo-sl"):
         hmtl.recipe("nope")
+
+
+# ----------------------------------------------------------------------------------------------
+# data.py: every reader on a fixture in the dataset's real on-disk format, pitfalls included.
+
+def write_image(path, size=(40, 30), colour=(120, 80, 60)):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def landmark_text(offset=0.0):
+    return ";".join(f"{v + offset:.1f}" for v in range(136))
+
+
+AFFECTNET_HEADER = ("subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,"
+                    "expression,valence,arousal")
+
+
+@pytest.fixture
+def affectnet_root(tmp_path):
+    """The original release, with the known pitfalls: images nested under Manually_Annotated/,
+    mixed extensions, a headerless validation.csv, malformed rows, None / Non-Face labels, a
+    degenerate box, a missing file, a corrupt image, boxes past (and outside) the border, the
+    -2 valence/arousal sentinel."""
+    root = tmp_path / "AffectNet"
+    images = root / "Manually_Annotated" / "Manually_Annotated_Images"
+    for name, ext in (("a", "jpg"), ("b", "png"), ("c", "bmp"), ("d", "tif"), ("e", "jpg"),
+                      ("f", "jpg"), ("g", "jpg"), ("v1", "jpg"), ("v2", "png")):
+        write_image(images / "001" / f"{name}.{ext}")
+    (images / "001" / "bad.jpg").write_bytes(b"this is not a JPEG")
+    lm = landmark_text()
+    train = [AFFECTNET_HEADER,
+             f'001/a.jpg,5,5,20,20,"{lm}",1,0.5,0.2',
+             f'001/b.png,5,5,20,20,"{lm}",1,0.6,0.1',
+             f'001/c.bmp,5,5,20,20,"{lm}",0,0.0,0.0',
+             f'001/d.tif,5,5,20,20,"{lm}",6,-0.5,0.7',
+             f'001/e.jpg,30,20,25,25,"{lm}",3,0.1,0.8',        # box past the border: padded
+             f'001/f.jpg,500,500,20,20,"{lm}",2,-0.4,0.1',     # box outside: fails at load
+             f'001/g.jpg,5,5,20,20,"1;2;3",7,-2,-2',            # contempt, sentinel, bad landmarks
+             f'001/bad.jpg,5,5,20,20,"{lm}",4,0.1,0.1',         # corrupt: fails at load
+             '001/a.jpg,5,5,20,20,1',                            # malformed: 6 fields
+             f'001/a.jpg,x,5,20,20,"{lm}",1,0.5,0.2',           # malformed: non-numeric
+             f'001/a.jpg,5,5,20,20,"{lm}",8,0,0',               # None
+             f'001/a.jpg,5,5,20,20,"{lm}",10,-2,-2',            # Non-Face
+             f'001/a.jpg,5,5,-4,20,"{lm}",1,0.5,0.2',           # degenerate box
+             f'001/missing.jpg,5,5,20,20,"{lm}",1,0.5,0.2']     # missing file
+    val = [f'001/v1.jpg,0,0,40,30,"{lm}",5,-0.3,0.2',           # headerless file
+           f'001/v2.png,2,2,10,10,"{lm}",7,-0.2,0.1']
+    lists = root / "Manually_Annotated_file_lists"
+    lists.mkdir(parents=True)
+    (lists / "training.csv").write_text("\n".join(train) + "\n")
+    (lists / "validation.csv").write_text("\n".join(val) + "\n")
+    return root
+
+
+def test_affectnet_original_release_with_its_pitfalls(affectnet_root):
+    d = data.load("affectnet", str(affectnet_root), 8)
+    assert d.classes == data.AFFECTNET_CLASSES and d.eval_split == "val"
+    assert len(d.splits["train"]) == 8 and len(d.splits["val"]) == 2
+    assert d.counts("train") == [1, 2, 1, 1, 1, 0, 1, 1]
+    assert d.skipped["train"] == Counter({
+        "malformed row (6 fields, expected 9)": 1, "malformed row (non-numeric field)": 1,
+        "not in the 8-class protocol: None": 1, "not in the 8-class protocol: Non-Face": 1,
+        "degenerate face box (width or height <= 0)": 1, "image file missing": 1})
+    first = d.splits["train"][0]
+    assert first.box == (5.0, 5.0, 25.0, 25.0) and first.va == (0.5, 0.2)
+    assert first.landmarks.shape == (68, 2) and first.landmarks[1].tolist() == [2.0, 3.0]
+    contempt = next(s for s in d.splits["train"] if s.target == 7)
+    assert contempt.landmarks is None and contempt.va == (-2.0, -2.0)
+    seven = data.load("affectnet", str(affectnet_root), 7)
+    assert seven.skipped["train"]["not in the 7-class protocol: Contempt"] == 1
+    assert seven.skipped["val"]["not in the 7-class protocol: Contempt"] == 1
+    assert len(seven.classes) == 7 and len(seven.splits["val"]) == 1
+
+
+def test_unreadable_images_are_skipped_and_counted_never_raised(affectnet_root):
+    d = data.load("affectnet", str(affectnet_root))
+    dataset = data.FaceDataset(d, "train", 32)
+    batch = data.collate([dataset[i] for i in range(len(dataset))])
+    assert batch["image"].shape == (6, 3, 32, 32) and batch["image"].dtype == torch.uint8
+    assert len(batch["skipped"]) == 2
+    assert any("bad.jpg" in s for s in batch["skipped"])
+    assert any("f.jpg" in s and "face box outside the image" in s for s in batch["skipped"])
+    assert any("bad.jpg" in s and "image unreadable or corrupt" in s for s in batch["skipped"])
+    past = dataset[4]["image"]  # box 30..55 x 20..45 on a 40x30 image: the right/bottom padded
+    assert past[:, -4:, -4:].sum() == 0 and past[:, :4, :4].sum() > 0
+    assert batch["has_landmarks"].tolist() == [True, True, True, True, True, False]
+
+
+def test_affectnet_later_release(tmp_path):
+    root = tmp_path / "AffectNet2021"
+    for split, items in (("train_set", [("0", 3), ("1", 0), ("2", 9), ("3", 1)]),
+                         ("val_set", [("10", 7), ("11", 2)])):
+        for stem, label in items:
+            write_image(root / split / "images" / f"{stem}.jpg")
+            annotations = root / split / "annotations"
+            annotations.mkdir(parents=True, exist_ok=True)
+            np.save(annotations / f"{stem}_exp.npy", np.array(str(label)))  # stored as text
+            np.save(annotations / f"{stem}_val.npy", np.array(0.25))
+            np.save(annotations / f"{stem}_aro.npy", np.array(-0.5))
+            if stem != "3":
+                np.save(annotations / f"{stem}_lnd.npy", np.arange(136, dtype=np.float64))
+    write_image(root / "train_set" / "images" / "4.jpg")  # no annotations at all
+    d = data.load("affectnet", str(root))
+    assert len(d.splits["train"]) == 3 and len(d.splits["val"]) == 2
+    assert d.skipped["train"] == Counter({"not in the 8-class protocol: Uncertain": 1,
+                                          "annotation file missing or unreadable": 1})
+    assert [s.target for s in d.splits["train"]] == [3, 0, 1]
+    assert d.splits["train"][0].va == (0.25, -0.5) and d.splits["train"][0].box is None
+    assert d.splits["train"][2].landmarks is None and d.splits["train"][0].landmarks[0, 1] == 1
+
+
+@pytest.fixture
+def ckplus_root(tmp_path):
+    root = tmp_path / "CK+"
+    sequences = {("S005", "001"): (5, "   3.0000000e+00\n"), ("S010", "002"): (4, "   7.0000000e+00"),
+                 ("S011", "001"): (4, None), ("S011", "002"): (6, "1.0000000e+00 "),
+                 ("S012", "001"): (4, "   9.0000000e+00")}
+    for (subject, sequence), (frames, label) in sequences.items():
+        for k in range(1, frames + 1):
+            write_image(root / "cohn-kanade-images" / subject / sequence /
+                        f"{subject}_{sequence}_{k:08d}.png", (64, 48))
+        if label is not None:
+            folder = root / "Emotion" / subject / sequence
+            folder.mkdir(parents=True)
+            (folder / f"{subject}_{sequence}_{frames:08d}_emotion.txt").write_text(label)
+    landmarks = root / "Landmarks" / "S005" / "001"
+    landmarks.mkdir(parents=True)
+    (landmarks / "S005_001_00000005_landmarks.txt").write_text(
+        "\n".join(f"   {10 + k % 20:.7e}   {12 + k // 4:.7e}" for k in range(68)))
+    return root
+
+
+def test_ckplus_peak_frames_neutral_and_subject_independent_folds(ckplus_root):
+    d = data.load("ckplus", str(ckplus_root), 7)
+    samples = d.splits["all"]
+    assert d.classes == ["anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise"]
+    assert len(samples) == 9  # 3 labelled sequences x last 3 frames
+    assert Counter(s.target for s in samples) == Counter({2: 3, 6: 3, 0: 3})
+    assert sorted(Path(s.image).name for s in samples if s.subject == "S005") == [
+        "S005_001_00000003.png", "S005_001_00000004.png", "S005_001_00000005.png"]
+    assert d.skipped["all"] == Counter({"emotion code 9 outside 1..7": 1})
+    peak = next(s for s in samples if s.image.endswith("S005_001_00000005.png"))
+    assert peak.landmarks.shape == (68, 2) and peak.landmarks[4].tolist() == [14.0, 13.0]
+    eight = data.load("ckplus", str(ckplus_root), 8)
+    assert len(eight.splits["all"]) == 12 and eight.classes[0] == "neutral"
+    neutral = [s for s in eight.splits["all"] if s.target == 0]
+    assert sorted(Path(s.image).name for s in neutral) == [
+        "S005_001_00000001.png", "S010_002_00000001.png", "S011_002_00000001.png"]
+    folds = data.read_ckplus(str(ckplus_root), 7, folds=2).folds
+    assert sorted(sum(folds, [])) == ["S005", "S010", "S011"]  # every subject exactly once
+    assert all(folds) and not set(folds[0]) & set(folds[1])
+    assert data.read_ckplus(str(ckplus_root), 7, folds=2).folds == folds  # deterministic
+
+
+def pose_mat(path, pitch, yaw, roll, landmarks, aflw=False):
+    import scipy.io
+    record = {"Pose_Para": np.array([[math.radians(pitch), math.radians(yaw), math.radians(roll),
+                                      0, 0, 0, 1]])}
+    if aflw:
+        record["pt3d_68"] = np.vstack([landmarks.T, np.zeros((1, 68))])
+        record["pt2d"] = -np.ones((2, 68))  # AFLW2000's pt2d has invalid negative entries
+    else:
+        record["pt2d"] = landmarks.T
+    scipy.io.savemat(path, record)
+
+
+def test_head_pose_300w_lp_and_aflw2000(tmp_path):
+    pytest.importorskip("scipy")
+    points = np.stack([np.linspace(20, 60, 68), np.linspace(30, 70, 68)], 1)
+    lp = tmp_path / "300W_LP"
+    for folder, stem, angles in (("AFW", "AFW_1", (10, -30, 5)), ("HELEN_Flip", "H_2", (-20, 45, 0)),
+                                 ("IBUG", "I_3", (0, 120, 0))):
+        write_image(lp / folder / f"{stem}.jpg", (100, 100))
+        pose_mat(lp / folder / f"{stem}.mat", *angles, points)
+    write_image(lp / "LFPW" / "L_4.jpg", (100, 100))  # no .mat
+    aflw = tmp_path / "AFLW2000"
+    write_image(aflw / "image00002.jpg", (100, 100))
+    pose_mat(aflw / "image00002.mat", 5, 15, -10, points, aflw=True)
+    d = data.load("300w_lp", str(tmp_path))
+    assert d.task == "pose" and d.classes is None
+    assert [s.target for s in d.splits["train"]] == [pytest.approx([-30, 10, 5]),
+                                                      pytest.approx([45, -20, 0])]
+    assert d.skipped["train"] == Counter({"angle beyond ±99°": 1, "label .mat missing": 1})
+    test = d.splits["test"][0]
+    assert test.target == pytest.approx([15, 5, -10])
+    assert test.landmarks[0].tolist() == [20.0, 30.0]
+    x0, y0, x1, y1 = test.box  # landmark box 20..60 x 30..70, square, 0.2 margin each side
+    assert (x0, y0, x1, y1) == pytest.approx((12, 22, 68, 78))
+    item = data.FaceDataset(d, "test", 28)[0]
+    assert item["target"].tolist() == pytest.approx([15, 5, -10])
+    assert item["landmarks"][0].tolist() == pytest.approx([4.0, 4.0])  # (20-12) * 28/56
+
+
+def test_head_pose_without_scipy_says_which_package(tmp_path, monkeypatch):
+    write_image(tmp_path / "AFLW2000" / "image00002.jpg")
+    (tmp_path / "AFLW2000" / "image00002.mat").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.io", None)
+    with pytest.raises(data.DatasetError, match="need scipy: pip install scipy"):
+        data.load("aflw2000", str(tmp_path))
+
+
+def rotation(axis, degrees):
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return {"x": [[1, 0, 0], [0, c, -s], [0, s, c]], "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]],
+            "z": [[c, -s, 0], [s, c, 0], [0, 0, 1]]}[axis]
+
+
+def test_biwi_rotation_matrices_and_projected_boxes(tmp_path):
+    assert data.rotation_to_angles(np.eye(3)) == [0, 0, 0]
+    yaw, pitch, roll = data.rotation_to_angles(rotation("y", 20))
+    assert (abs(yaw), pitch, roll) == pytest.approx((20, 0, 0), abs=1e-9)
+    assert np.abs(data.rotation_to_angles(rotation("x", 20))) == pytest.approx([0, 20, 0])
+    assert np.abs(data.rotation_to_angles(rotation("z", 20))) == pytest.approx([0, 0, 20])
+    folder = tmp_path / "hpdb" / "01"
+    write_image(folder / "frame_00003_rgb.png", (640, 480))
+    (folder / "frame_00003_pose.txt").write_text(
+        "1 0 0 \n0 1 0 \n0 0 1 \n\n0 0 1000 \n")
+    write_image(folder / "frame_00004_rgb.png", (640, 480))
+    (folder / "frame_00004_pose.txt").write_text("1 0 0\n0 1 0\n")  # truncated
+    d = data.load("biwi", str(tmp_path))
+    sample = d.splits["test"][0]
+    assert sample.target == [0, 0, 0] and sample.subject == "01"
+    half = 517.679 * 240 / 1000 / 2  # a 240 mm head at 1 m, centred on the principal point
+    assert sample.box == pytest.approx((320 - half, 240.5 - half, 320 + half, 240.5 + half))
+    assert d.skipped["test"] == Counter({"malformed pose file (expected 9 + 3 numbers)": 1})
+
+
+def test_celeba_male_attribute_and_official_partition(tmp_path):
+    names = [f"attr{k}" for k in range(40)]
+    names[20] = "Male"  # the 21st attribute
+    rows = ["3", " ".join(names)]
+    for i, male in ((1, 1), (2, -1), (3, 1)):
+        values = ["-1"] * 40
+        values[20] = str(male)
+        rows.append(f"{i:06d}.jpg " + " ".join(values))
+        write_image(tmp_path / "img_align_celeba" / f"{i:06d}.jpg", (178, 218))
+    rows.append("000004.jpg 1 1")  # malformed
+    (tmp_path / "list_attr_celeba.txt").write_text("\n".join(rows) + "\n")
+    (tmp_path / "list_eval_partition.txt").write_text(
+        "000001.jpg 0\n000002.jpg 2\n000003.jpg 1\n000004.jpg 0\n")
+    d = data.load("celeba", str(tmp_path))
+    assert d.classes == ["female", "male"]
+    assert [(s.target, Path(s.image).name) for s in d.splits["train"]] == [(1, "000001.jpg")]
+    assert [s.target for s in d.splits["test"]] == [0] and [s.target for s in d.splits["val"]] == [1]
+    assert d.skipped["train"] == Counter({"malformed attribute row": 1})
+
+
+def test_utkface_gender_from_file_names(tmp_path):
+    for name in ("25_0_1_20170109150557335.jpg.chip.jpg", "30_1_2_20170116174525125.jpg",
+                 "40_1_20170116174525125.jpg", "bad_name.jpg", "7_x_0_2017.jpg"):
+        write_image(tmp_path / "UTKFace" / name)
+    d = data.load("utkface", str(tmp_path))
+    kept = sorted((Path(s.image).name, s.target) for split in d.splits.values() for s in split)
+    assert kept == [("25_0_1_20170109150557335.jpg.chip.jpg", 0),
+                    ("30_1_2_20170116174525125.jpg", 1), ("40_1_20170116174525125.jpg", 1)]
+    assert sum(sum(c.values()) for c in d.skipped.values()) == 2
+    assert data.load("utkface", str(tmp_path)).splits == d.splits  # the split is stable
+
+
+def test_fer2013_csv(tmp_path):
+    pixels = " ".join(str(v % 256) for v in range(2304))
+    (tmp_path / "fer2013.csv").write_text(
+        "emotion,pixels,Usage\n"
+        f"3,{pixels},Training\n0,{pixels},PublicTest\n6,{pixels},PrivateTest\n"
+        f"2,{' '.join(['1'] * 2000)},Training\n9,{pixels},Training\n")
+    d = data.load("fer2013", str(tmp_path))
+    assert [len(d.splits[s]) for s in ("train", "val", "test")] == [1, 1, 1]
+    assert d.splits["test"][0].target == 6 and d.eval_split == "test"
+    assert d.splits["train"][0].image.shape == (48, 48) and d.splits["train"][0].image[0, 5] == 5
+    assert d.skipped["train"] == Counter({"malformed row (2000 pixels, expected 2304)": 1,
+                                          "emotion 9 outside 0..6": 1})
+    item = data.FaceDataset(d, "train", 24)[0]
+    assert item["image"].shape == (3, 24, 24)
+
+
+def test_rafdb_basic_and_plain_folders(tmp_path):
+    basic = tmp_path / "basic"
+    (basic / "EmoLabel").mkdir(parents=True)
+    (basic / "EmoLabel" / "list_patition_label.txt").write_text(
+        "train_00001.jpg 5\ntrain_00002.jpg 9\ntest_0001.jpg 1\ntest_0002.jpg 7\n")
+    for stem in ("train_00001", "train_00002", "test_0001"):
+        write_image(basic / "Image" / "aligned" / f"{stem}_aligned.jpg")
+    d = data.load("rafdb", str(tmp_path))
+    assert [s.target for s in d.splits["train"]] == [4] and d.classes[4] == "Sadness"
+    assert [s.target for s in d.splits["test"]] == [0]
+    assert d.skipped["train"] == Counter({"malformed row or label outside 1..7": 1})
+    assert d.skipped["test"] == Counter({"image file missing": 1})
+    own = tmp_path / "own"
+    for split in ("train", "test"):
+        for label in ("sad", "happy"):
+            write_image(own / split / label / f"{split}.png")
+    (own / "train" / "happy" / "notes.txt").write_text("not an image")
+    folder = data.load("folder", str(own))
+    assert folder.classes == ["happy", "sad"] and folder.eval_split == "test"
+    assert [s.target for s in folder.splits["train"]] == [0, 1]
+
+
+def test_missing_roots_and_unknown_layouts_fail_in_one_line(tmp_path):
+    cases = [("affectnet", tmp_path / "nowhere"), ("affectnet", tmp_path), ("ckplus", tmp_path),
+             ("celeba", tmp_path), ("300w_lp", tmp_path), ("fer2013", tmp_path)]
+    for name, root in cases:
+        with pytest.raises(data.DatasetError) as err:
+            data.load(name, str(root))
+        assert "\n" not in str(err.value) and str(root) in str(err.value)
+    with pytest.raises(data.DatasetError, match="unknown dataset"):
+        data.load("imagenet", str(tmp_path))
+    with pytest.raises(data.DatasetError, match="--data-root is required"):
+        data.load("affectnet", None)
+    with pytest.raises(SystemExit, match="error: AffectNet: expected a folder"):
+        data.main(["summary", "--dataset", "affectnet", "--data-root", str(tmp_path / "x")])
+
+
+def test_summary_command_reports_classes_skips_and_folds(affectnet_root, ckplus_root, capsys):
+    report = data.main(["summary", "--dataset", "affectnet", "--data-root", str(affectnet_root),
+                        "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(report))
+    train = report["splits"]["train"]
+    assert train["per_class"]["Happy"] == 2 and train["samples"] == 8
+    assert train["skipped"]["image file missing"] == 1
+    verified = data.main(["summary", "--dataset", "affectnet", "--data-root",
+                          str(affectnet_root), "--verify", "--json"])
+    assert verified["splits"]["train"]["samples"] == 6
+    assert verified["splits"]["train"]["skipped"]["image unreadable or corrupt"] == 1
+    assert verified["splits"]["train"]["skipped"]["face box outside the image"] == 1
+    capsys.readouterr()
+    folds = data.main(["summary", "--dataset", "ckplus", "--data-root", str(ckplus_root)])
+    text = capsys.readouterr().out
+    assert "fold 0:" in text and "disgust" in text and len(folds["folds"]) == 10
+
+
+def test_prepared_cache_matches_the_plain_reader_and_is_atomic(affectnet_root):
+    d = data.load("affectnet", str(affectnet_root))
+
+    def interrupt(line):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare(d, str(affectnet_root), 32, workers=0, progress=interrupt)
+    target = data.cache_dir(str(affectnet_root), "affectnet", 32)
+    assert not Path(target, "meta.json").exists()  # no half cache is ever used
+    directory = data.prepare(d, str(affectnet_root), 32, workers=0, progress=lambda line: None)
+    assert directory == target
+    meta = json.loads(Path(directory, "meta.json").read_text())
+    assert meta["splits"]["train"]["samples"] == 6
+    assert meta["splits"]["train"]["skipped"]["image file missing"] == 1
+    assert meta["splits"]["train"]["skipped"]["image unreadable or corrupt"] == 1
+    assert meta["splits"]["train"]["skipped"]["face box outside the image"] == 1
+    cached = data.CachedDataset(directory, "train")
+    plain = data.collate([data.FaceDataset(d, "train", 32)[i] for i in range(8)])
+    batch = cached.__getitems__([5, 0, 3])
+    for key in ("image", "target", "landmarks", "has_landmarks", "va"):
+        assert torch.equal(batch[key], plain[key][[5, 0, 3]]), key
+    loader = torch.utils.data.DataLoader(cached, batch_size=4, shuffle=True,
+                                         collate_fn=data.identity_collate)
+    assert sorted(torch.cat([b["target"] for b in loader]).tolist()) == sorted(plain["target"].tolist())
+
+
+def test_augment_none_is_normalisation_and_flips_move_labels():
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    plain, _, _ = data.augment(images, "none", flip=False)
+    torch.testing.assert_close(plain, data.normalize(images))
+    landmarks = torch.rand(6, 68, 2) * 16
+    pose = torch.tensor([[30.0, 10.0, -5.0]]).repeat(6, 1)
+    out, moved, new_pose = data.augment(images, "none", landmarks, pose,
+                                        torch.Generator().manual_seed(0))
+    mirrored = torch.tensor([torch.allclose(out[i], data.normalize(images.flip(-1))[i], atol=1e-4)
+                             for i in range(6)])
+    same = torch.tensor([torch.allclose(out[i], plain[i], atol=1e-4) for i in range(6)])
+    assert torch.all(mirrored ^ same) and 0 < mirrored.sum() < 6
+    for i in range(6):
+        if mirrored[i]:
+            expected = landmarks[i, list(data.FLIP_LANDMARKS)].clone()
+            expected[:, 0] = 16 - expected[:, 0]
+            assert new_pose[i].tolist() == [-30.0, 10.0, 5.0]
+        else:
+            expected = landmarks[i]
+            assert new_pose[i].tolist() == [30.0, 10.0, -5.0]
+        torch.testing.assert_close(moved[i], expected, atol=1e-4, rtol=0)
+    flip = data.FLIP_LANDMARKS
+    assert sorted(flip) == list(range(68)) and all(flip[flip[i]] == i for i in range(68))
+    assert (flip[36], flip[48], flip[8], flip[30]) == (45, 54, 8, 30)
+
+
+@pytest.mark.parametrize("level", ["weak", "strong"])
+def test_augmentation_moves_landmarks_with_the_image(level):
+    """A single bright pixel at a landmark must end up where the moved landmark says, over the
+    level's full range of rotation, zoom, shift and flip."""
+    n, size = 32, 64
+    images = torch.zeros(n, 3, size, size)
+    landmarks = torch.full((n, 68, 2), 32.0)
+    landmarks[:, 36] = torch.tensor([24.5, 28.5])  # a pixel centre
+    images[:, :, 28, 24] = 255
+    theta, mirrored = data.random_geometry(n, level, generator=torch.Generator().manual_seed(0))
+    warped = data.warp(images, theta).sum(1)
+    moved = data.move_landmarks(landmarks, theta, mirrored, size, size)
+    assert 0 < mirrored.sum() < n
+    for i in range(n):
+        y, x = divmod(int(warped[i].argmax()), size)
+        point = moved[i, 45] if mirrored[i] else moved[i, 36]  # a mirrored 36 is re-indexed 45
+        assert abs(point[0] - (x + 0.5)) <= 1.0 and abs(point[1] - (y + 0.5)) <= 1.0, i
+    out, _, _ = data.augment(images[:4].to(torch.uint8).repeat(2, 1, 1, 1), level,
+                             generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(out[0], out[4])  # the same image, independent parameters
+
+
+def test_pose_batches_are_never_rotated():
+    images = torch.zeros(32, 3, 32, 32, dtype=torch.uint8)
+    images[:, :, 10:22, 15:17] = 255  # a vertical bar: any rotation would tilt it
+    pose = torch.zeros(32, 3)
+    out, _, _ = data.augment(images, "strong", pose=pose, generator=torch.Generator().manual_seed(0))
+    rows = (out[:, 0] > out[:, 0].mean((1, 2), keepdim=True) + 1).any(2)  # rows the bar covers
+    columns = (out[:, 0] > out[:, 0].mean((1, 2), keepdim=True) + 1).any(1)
+    assert (columns.sum(1) <= rows.sum(1)).all()  # still upright: taller than wide
+
+
+def test_oversampling_and_stratified_fractions():
+    targets = [0] * 6 + [1] * 3 + [2]
+    weights = data.oversampling_weights(targets)
+    assert weights.tolist() == pytest.approx([1 / 6] * 6 + [1 / 3] * 3 + [1.0])
+    labels = np.repeat(np.arange(4), [100, 50, 10, 1])
+    chosen = data.stratified_fraction(labels, 0.2, seed=0)
+    assert Counter(labels[chosen].tolist()) == Counter({0: 20, 1: 10, 2: 2, 3: 1})
+    assert np.array_equal(chosen, data.stratified_fraction(labels, 0.2, seed=0))
+    assert not np.array_equal(chosen, data.stratified_fraction(labels, 0.2, seed=1))
+    with pytest.raises(ValueError, match="train fraction"):
+        data.stratified_fraction(labels, 0)
+
+
+def test_demo_is_written_once_in_affectnet_layout(tmp_path):
+    root = data.make_demo(str(tmp_path / "demo"), train_per_class=4, val_per_class=2)
+    csv_file = Path(root, "Manually_Annotated_file_lists", "training.csv")
+    assert csv_file.read_text().startswith("subDirectory_filePath,face_x")
+    stamp = Path(root, "demo-complete.json").stat().st_mtime_ns
+    assert data.make_demo(root, train_per_class=4, val_per_class=2) == root
+    assert Path(root, "demo-complete.json").stat().st_mtime_ns == stamp  # not rewritten
+    d = data.load("demo", root)
+    assert d.name == "demo" and d.counts("train") == [4] * 8 and d.counts("val") == [2] * 8
+    assert all(s.landmarks is not None and s.va is not None for s in d.splits["train"])
+    # the canonical in-painting boxes sit on the demo faces' parts
+    items = [data.FaceDataset(d, "val", 64)[i] for i in range(16)]
+    landmarks = torch.stack([item["landmarks"] for item in items])
+    from_landmarks = ssl_tasks.region_boxes(16, 64, 64, landmarks, margin=0.0, jitter=0)
+    canonical = ssl_tasks.region_boxes(16, 64, 64, jitter=0)
+    low = torch.maximum(from_landmarks[..., :2], canonical[..., :2])
+    high = torch.minimum(from_landmarks[..., 2:], canonical[..., 2:])
+    inter = (high - low).clamp(min=0).prod(-1)
+    area = lambda b: (b[..., 2:] - b[..., :2]).prod(-1)
+    iou = inter / (area(from_landmarks) + area(canonical) - inter)
+    assert (iou.mean(0) > 0.3).all(), iou.mean(0)
 
 
 # ----------------------------------------------------------------------------------------------

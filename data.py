@@ -1,0 +1,1290 @@
+"""Every dataset of the HMTL experiments, read in the layout its owners distribute.
+
+Point `--data-root` at the folder you downloaded; nothing needs converting. Each reader returns
+a `FaceData`: the class names in the dataset's native order, and per split a list of `Sample`s
+plus a count of the rows it skipped, by reason (a missing file, a malformed row, a label
+outside the protocol, a degenerate box...). Nothing is dropped silently: `python data.py
+summary` prints those counts, and a corrupt image met during training is skipped and counted
+by `collate`.
+
+The path from disk to the GPU:
+  FaceDataset     decode -> crop the face box (with a margin, squared, padded at the border) ->
+                  resize to `size` -> uint8 tensor, landmarks moved into the crop
+  prepare()       the same, once, into a memory-mapped uint8 cache (`python data.py prepare`)
+  CachedDataset   reads whole batches from that cache: no decoding during training
+  augment()       the augmentation levels none/weak/strong, batched on the device; moves
+                  landmarks with the image and flips head-pose labels
+
+    python data.py summary --dataset affectnet --data-root ~/data/AffectNet [--json] [--verify]
+    python data.py prepare --dataset affectnet --data-root ~/data/AffectNet --size 224
+"""
+
+import argparse
+import csv
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import models
+
+# ----------------------------------------------------------------------------------------------
+# What a reader produces.
+
+
+@dataclass
+class Sample:
+    """One face. `image` is a file path, or a uint8 array (FER2013 ships pixels in its CSV).
+    `target` is a class index, or [yaw, pitch, roll] in degrees for head pose. `box` is the
+    face box (x0, y0, x1, y1) in image pixels, None for an image that is already a face crop.
+    `landmarks` (68, 2) in image pixels, or None. `va` = (valence, arousal) where the dataset
+    has them (AffectNet; -2 = not available). `subject` identifies the person (CK+ folds)."""
+    image: object
+    target: object
+    box: tuple = None
+    landmarks: np.ndarray = None
+    va: tuple = None
+    subject: str = None
+
+
+@dataclass
+class FaceData:
+    name: str
+    task: str                      # "classify" or "pose"
+    classes: list                  # class names in the dataset's own order; None for pose
+    splits: dict                   # split name -> [Sample]
+    skipped: dict                  # split name -> Counter(reason -> rows)
+    eval_split: str                # the split a paper reports on
+    margin: float = 0.1            # face-box margin used when cropping
+    folds: list = None             # CK+: the subjects of each cross-validation fold
+
+    def counts(self, split):
+        """Samples per class (classification) in `split`."""
+        counts = Counter(s.target for s in self.splits[split])
+        return [counts.get(c, 0) for c in range(len(self.classes))]
+
+
+class DatasetError(Exception):
+    """A missing root or a layout that matches nothing: the message is the one line to show."""
+
+
+def require_dir(path, what):
+    if not os.path.isdir(path):
+        raise DatasetError(f"{what}: expected a folder at {path}, found none")
+    return path
+
+
+def find(root, pattern, what, depth=4, required=True):
+    """The shallowest match of a glob `pattern` under `root` (archives nest folders
+    differently; never hard-code the depth). If none: one DatasetError line saying what was
+    expected, or None when not `required`."""
+    require_dir(root, what)
+    for level in range(depth + 1):
+        hits = sorted(glob.glob(os.path.join(root, *["*"] * level, pattern)))
+        if hits:
+            return hits[0]
+    if required:
+        raise DatasetError(f"{what}: no {pattern} found within {depth} folders below {root}")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# AffectNet. Original release: Manually_Annotated_file_lists/{training,validation}.csv with the
+# columns subDirectory_filePath, face_x, face_y, face_width, face_height, facial_landmarks (136
+# floats joined by ';'), expression, valence, arousal. validation.csv is the test set.
+
+AFFECTNET_CLASSES = ["Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger",
+                     "Contempt"]
+AFFECTNET_OTHER = {8: "None", 9: "Uncertain", 10: "Non-Face"}
+
+
+def read_affectnet(root, classes=8):
+    """AffectNet, 8-class (expression <= 7) or 7-class (Contempt dropped as well)."""
+    if classes not in (7, 8):
+        raise DatasetError(f"AffectNet protocols are 7 or 8 classes, not {classes}")
+    require_dir(root, "AffectNet")
+    if find(root, "training.csv", "AffectNet", required=False):
+        splits, skipped = read_affectnet_csv(root, classes)
+    elif find(root, os.path.join("train_set", "annotations"), "AffectNet", required=False):
+        splits, skipped = read_affectnet_npy(root, classes)
+    else:
+        raise DatasetError(f"AffectNet: expected Manually_Annotated_file_lists/training.csv "
+                           f"(original release) or train_set/annotations/ (later release) "
+                           f"below {root}, found neither")
+    return FaceData("affectnet", "classify", AFFECTNET_CLASSES[:classes], splits, skipped, "val")
+
+
+def affectnet_protocol(expression, classes):
+    """None if the label is in the protocol, else the skip reason."""
+    if 0 <= expression < classes:
+        return None
+    name = (AFFECTNET_OTHER.get(expression) or
+            (AFFECTNET_CLASSES[expression] if 0 <= expression < 8 else None))
+    if name is None:
+        return f"expression {expression} is not an AffectNet code"
+    return f"not in the {classes}-class protocol: {name}"
+
+
+def read_affectnet_csv(root, classes):
+    lists = os.path.dirname(find(root, "training.csv", "AffectNet"))
+    rows = {}
+    for split, filename in (("train", "training.csv"), ("val", "validation.csv")):
+        path = os.path.join(lists, filename)
+        if not os.path.exists(path):
+            raise DatasetError(f"AffectNet: expected {path} beside training.csv")
+        with open(path, newline="") as f:
+            rows[split] = list(csv.reader(f))
+    image_root = affectnet_image_root(root, rows)
+    splits, skipped = {}, {}
+    for split, table in rows.items():
+        samples, reasons = [], Counter()
+        if table and table[0] and table[0][0].strip() == "subDirectory_filePath":
+            table = table[1:]  # one of the two files may lack its header
+        for row in table:
+            sample, reason = parse_affectnet_row(row, image_root, classes)
+            if reason:
+                reasons[reason] += 1
+            else:
+                samples.append(sample)
+        splits[split], skipped[split] = samples, reasons
+    return splits, skipped
+
+
+def affectnet_image_root(root, rows):
+    """The folder that the CSV's relative paths start from. Archives put the images under
+    Manually_Annotated_Images/, sometimes twice nested, sometimes under Manually_Annotated/:
+    try every candidate folder on the first rows until one holds the files."""
+    candidates = [root] + [d for level in range(1, 4) for d in sorted(
+        glob.glob(os.path.join(root, *["*"] * (level - 1), "Manually_Annotated*")))
+        if os.path.isdir(d)]
+    probes = [r[0] for table in rows.values() for r in table[:50]
+              if r and r[0] != "subDirectory_filePath"]
+    for candidate in candidates:
+        if any(os.path.exists(os.path.join(candidate, p)) for p in probes):
+            return candidate
+    raise DatasetError(f"AffectNet: none of the images named in the CSVs (e.g. {probes[:1]}) "
+                       f"exists below {root} (looked in {len(candidates)} folders)")
+
+
+def parse_affectnet_row(row, image_root, classes):
+    """(Sample, None) or (None, skip reason) for one CSV row."""
+    if len(row) != 9:
+        return None, f"malformed row ({len(row)} fields, expected 9)"
+    try:
+        x, y, w, h = (float(v) for v in row[1:5])
+        expression = int(float(row[6]))
+        valence, arousal = float(row[7]), float(row[8])
+    except ValueError:
+        return None, "malformed row (non-numeric field)"
+    reason = affectnet_protocol(expression, classes)
+    if reason:
+        return None, reason
+    if w <= 0 or h <= 0:
+        return None, "degenerate face box (width or height <= 0)"
+    path = os.path.join(image_root, row[0])
+    if not os.path.exists(path):
+        return None, "image file missing"
+    return Sample(path, expression, (x, y, x + w, y + h), parse_landmarks(row[5]),
+                  (valence, arousal)), None
+
+
+def parse_landmarks(text):
+    """136 floats joined by ';' (x0;y0;x1;y1;...) -> (68, 2) float32, or None when malformed
+    (the sample is kept; only landmark-based masks fall back to canonical boxes)."""
+    try:
+        values = np.array([float(v) for v in text.split(";") if v.strip()], dtype=np.float32)
+    except ValueError:
+        return None
+    return values.reshape(68, 2) if values.size == 136 else None
+
+
+def read_affectnet_npy(root, classes):
+    """The later release: {train,val}_set/images/<id>.jpg with annotations/<id>_exp.npy,
+    _val.npy, _aro.npy, _lnd.npy (0-d values; 136 landmark values). Images are face crops."""
+    splits, skipped = {}, {}
+    for split, folder in (("train", "train_set"), ("val", "val_set")):
+        base = find(root, folder, "AffectNet")
+        images = os.path.join(base, "images")
+        annotations = os.path.join(base, "annotations")
+        require_dir(images, f"AffectNet {folder}")
+        samples, reasons = [], Counter()
+        for name in sorted(os.listdir(images)):
+            stem = os.path.splitext(name)[0]
+            try:
+                expression = int(np.load(os.path.join(annotations, f"{stem}_exp.npy")))
+                valence = float(np.load(os.path.join(annotations, f"{stem}_val.npy")))
+                arousal = float(np.load(os.path.join(annotations, f"{stem}_aro.npy")))
+            except (OSError, ValueError):
+                reasons["annotation file missing or unreadable"] += 1
+                continue
+            reason = affectnet_protocol(expression, classes)
+            if reason:
+                reasons[reason] += 1
+                continue
+            landmarks = None
+            try:
+                values = np.load(os.path.join(annotations, f"{stem}_lnd.npy")).astype(np.float32)
+                landmarks = values.reshape(68, 2) if values.size == 136 else None
+            except (OSError, ValueError):
+                pass
+            samples.append(Sample(os.path.join(images, name), expression, None, landmarks,
+                                  (valence, arousal)))
+        splits[split], skipped[split] = samples, reasons
+    return splits, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# CK+: cohn-kanade-images/S005/001/S005_001_00000001.png, Emotion/S005/001/..._emotion.txt (one
+# float such as "   3.0000000e+00"), optional Landmarks/S005/001/..._landmarks.txt (68 "x y").
+# Protocol: the last 3 frames of each labelled sequence take its label; optionally the first
+# frame of each labelled sequence as neutral. Evaluation: subject-independent 10-fold CV.
+
+CKPLUS_CODES = ["neutral", "anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise"]
+
+
+def read_ckplus(root, classes=7, neutral_first_frame=None, frames_per_sequence=3, folds=10):
+    """classes=7: the 6 basic expressions + contempt (codes 1..7); classes=8 adds neutral from
+    each labelled sequence's first frame."""
+    if classes not in (7, 8):
+        raise DatasetError(f"CK+ protocols are 7 or 8 classes, not {classes}")
+    neutral = classes == 8 if neutral_first_frame is None else neutral_first_frame
+    emotion_root = os.path.dirname(os.path.dirname(os.path.dirname(
+        find(root, os.path.join("Emotion", "S*", "*", "*_emotion.txt"), "CK+", depth=2))))
+    base = os.path.dirname(emotion_root)
+    images_root = os.path.join(base, "cohn-kanade-images")
+    require_dir(images_root, "CK+ images (cohn-kanade-images)")
+    names = CKPLUS_CODES if classes == 8 else CKPLUS_CODES[1:]
+    offset = 0 if classes == 8 else 1
+    samples, reasons = [], Counter()
+    for label_file in sorted(glob.glob(os.path.join(emotion_root, "S*", "*", "*_emotion.txt"))):
+        subject, sequence = label_file.split(os.sep)[-3:-1]
+        try:
+            with open(label_file) as f:
+                code = int(round(float(f.read().split()[0])))
+        except (ValueError, IndexError, OSError):
+            reasons["unreadable emotion label file"] += 1
+            continue
+        if not 1 <= code <= 7:
+            reasons[f"emotion code {code} outside 1..7"] += 1
+            continue
+        frames = sorted(glob.glob(os.path.join(images_root, subject, sequence, "*.png")))
+        if len(frames) < frames_per_sequence + (1 if neutral else 0):
+            reasons["sequence folder missing or too short"] += 1
+            continue
+        chosen = [(f, code - offset) for f in frames[-frames_per_sequence:]]
+        if neutral:
+            chosen.append((frames[0], 0))
+        for frame, label in chosen:
+            landmarks = read_ckplus_landmarks(base, subject, sequence, frame)
+            samples.append(Sample(frame, label, None, landmarks, subject=subject))
+    fold_subjects = subject_folds(samples, folds)
+    return FaceData("ckplus", "classify", names, {"all": samples}, {"all": reasons}, "all",
+                    margin=0.2, folds=fold_subjects)
+
+
+def read_ckplus_landmarks(base, subject, sequence, frame):
+    stem = os.path.splitext(os.path.basename(frame))[0]
+    path = os.path.join(base, "Landmarks", subject, sequence, f"{stem}_landmarks.txt")
+    try:
+        values = np.loadtxt(path, dtype=np.float32)
+    except (OSError, ValueError):
+        return None
+    return values.reshape(68, 2) if values.size == 136 else None
+
+
+def subject_folds(samples, folds):
+    """Subject-independent folds: every subject in exactly one fold. Deterministic: subjects
+    sorted by image count (then name), each given to the fold with the fewest images so far."""
+    per_subject = Counter(s.subject for s in samples)
+    assignment = [[] for _ in range(folds)]
+    sizes = [0] * folds
+    for subject, count in sorted(per_subject.items(), key=lambda kv: (-kv[1], kv[0])):
+        fold = sizes.index(min(sizes))
+        assignment[fold].append(subject)
+        sizes[fold] += count
+    return [sorted(f) for f in assignment]
+
+
+# ----------------------------------------------------------------------------------------------
+# Head pose. 300W-LP ({AFW,HELEN,IBUG,LFPW}[_Flip]/*.jpg + same-stem .mat) and AFLW2000
+# (image00002.jpg + .mat). Pose_Para = [pitch, yaw, roll, tdx, tdy, tdz, scale] in radians;
+# everyone reorders to [yaw, pitch, roll] in degrees and keeps |angle| <= 99.
+
+POSE_LIMIT = 99.0
+
+
+def load_mat(path):
+    """MATLAB v5 file -> dict. scipy is the one optional dependency, needed only here."""
+    try:
+        import scipy.io
+    except ImportError:
+        raise DatasetError("head-pose .mat labels need scipy: pip install scipy") from None
+    return scipy.io.loadmat(path)
+
+
+def read_pose_mat(image_path, test):
+    """(Sample, None) or (None, reason) for one image + .mat pair."""
+    mat_path = os.path.splitext(image_path)[0] + ".mat"
+    if not os.path.exists(mat_path):
+        return None, "label .mat missing"
+    try:
+        mat = load_mat(mat_path)
+        pitch, yaw, roll = np.degrees(np.asarray(mat["Pose_Para"], dtype=np.float64).ravel()[:3])
+        points = mat["pt3d_68"][:2] if "pt3d_68" in mat else mat["pt2d"]
+        points = np.asarray(points, dtype=np.float32).T  # (68, 2)
+    except (KeyError, ValueError, OSError, TypeError):
+        return None, "unreadable .mat"
+    if max(abs(yaw), abs(pitch), abs(roll)) > POSE_LIMIT:
+        return None, f"angle beyond ±{POSE_LIMIT:.0f}°"
+    valid = points[(points >= 0).all(1)]  # AFLW2000's pt2d marks invalid points as negative
+    if len(valid) < 2:
+        return None, "no valid landmarks for the face box"
+    # the usual crops: test a fixed 0.2 margin; train 0.3 (the middle of the random 0.2-0.4
+    # others draw; augmentation adds the scale jitter) with the box moved up for the forehead
+    box = square_box(landmark_box(valid, upward=0.0 if test else 0.1), 0.2 if test else 0.3)
+    return Sample(image_path, [float(yaw), float(pitch), float(roll)], box,
+                  points if len(valid) == 68 else None), None
+
+
+def landmark_box(points, upward=0.0):
+    """Bounding box of the landmarks, shifted up by `upward` of its height: the 68 points stop
+    at the brows, the forehead is above them."""
+    x0, y0 = points.min(0)
+    x1, y1 = points.max(0)
+    shift = upward * (y1 - y0)
+    return (float(x0), float(y0 - shift), float(x1), float(y1 - shift))
+
+
+def read_pose_folder(root, name, pattern, test):
+    require_dir(root, name)
+    samples, reasons = [], Counter()
+    images = sorted(glob.glob(os.path.join(root, pattern)))
+    if not images:
+        raise DatasetError(f"{name}: no {pattern} images below {root}")
+    for image in images:
+        sample, reason = read_pose_mat(image, test)
+        if reason:
+            reasons[reason] += 1
+        else:
+            samples.append(sample)
+    return samples, reasons
+
+
+def read_300w_lp(root):
+    """300W-LP for training; AFLW2000 as the test split when it sits beside it under the root."""
+    base = find(root, "300W_LP", "300W-LP")
+    train, train_skipped = read_pose_folder(base, "300W-LP", os.path.join("*", "*.jpg"), False)
+    splits, skipped = {"train": train}, {"train": train_skipped}
+    try:
+        aflw = read_aflw2000(root)
+        splits["test"], skipped["test"] = aflw.splits["test"], aflw.skipped["test"]
+    except DatasetError:
+        pass  # training alone is fine; eval.py names AFLW2000 explicitly
+    return FaceData("300w_lp", "pose", None, splits, skipped, "test", margin=0.0)
+
+
+def read_aflw2000(root):
+    base = os.path.dirname(find(root, "image0*.jpg", "AFLW2000"))
+    samples, reasons = read_pose_folder(base, "AFLW2000", "image*.jpg", True)
+    return FaceData("aflw2000", "pose", None, {"test": samples}, {"test": reasons}, "test",
+                    margin=0.0)
+
+
+# BIWI Kinect Head Pose: 01..24/frame_XXXXX_rgb.png + frame_XXXXX_pose.txt (a 3x3 rotation
+# matrix, a blank line, the head centre in mm). The frames are not face crops and the database
+# gives no face box, so the box is the head centre projected with the RGB camera's intrinsics
+# (the folder's rgb.cal when present, else the commonly used fx = fy = 517.679, cx = 320,
+# cy = 240.5), sized for a 240 mm head. Our choice; the depth-to-RGB offset (~25 mm) is ignored.
+
+BIWI_INTRINSICS = (517.679, 517.679, 320.0, 240.5)
+BIWI_HEAD_MM = 240.0
+
+
+def rotation_to_angles(rotation):
+    """BIWI's rotation matrix -> [yaw, pitch, roll] in degrees, as the public BIWI loaders do
+    (the matrix is transposed first)."""
+    r = np.asarray(rotation, dtype=np.float64).T
+    pitch = math.degrees(math.atan2(r[2, 1], r[2, 2]))
+    yaw = -math.degrees(math.atan2(-r[2, 0], math.hypot(r[2, 1], r[2, 2])))
+    roll = -math.degrees(math.atan2(r[1, 0], r[0, 0]))
+    return [yaw, pitch, roll]
+
+
+def read_biwi(root):
+    base = os.path.dirname(os.path.dirname(find(root, os.path.join("[0-2][0-9]", "frame_*_pose.txt"),
+                                                "BIWI", depth=3)))
+    samples, reasons = [], Counter()
+    for folder in sorted(glob.glob(os.path.join(base, "[0-2][0-9]"))):
+        fx, fy, cx, cy = biwi_intrinsics(folder)
+        for pose_file in sorted(glob.glob(os.path.join(folder, "frame_*_pose.txt"))):
+            image = pose_file.replace("_pose.txt", "_rgb.png")
+            try:
+                with open(pose_file) as f:
+                    values = np.array(f.read().split(), dtype=np.float64)
+            except (ValueError, OSError):
+                reasons["unreadable pose file"] += 1
+                continue
+            if values.size != 12 or values[11] <= 0:
+                reasons["malformed pose file (expected 9 + 3 numbers)"] += 1
+                continue
+            rotation, centre = values[:9].reshape(3, 3), values[9:12]
+            if not os.path.exists(image):
+                reasons["image file missing"] += 1
+                continue
+            angles = rotation_to_angles(rotation)
+            if max(abs(a) for a in angles) > POSE_LIMIT:
+                reasons[f"angle beyond ±{POSE_LIMIT:.0f}°"] += 1
+                continue
+            u, v = fx * centre[0] / centre[2] + cx, fy * centre[1] / centre[2] + cy
+            half = fx * BIWI_HEAD_MM / centre[2] / 2
+            samples.append(Sample(image, angles, (u - half, v - half, u + half, v + half),
+                                  subject=os.path.basename(folder)))
+    return FaceData("biwi", "pose", None, {"test": samples}, {"test": reasons}, "test", margin=0.0)
+
+
+def biwi_intrinsics(folder):
+    try:
+        k = np.array(open(os.path.join(folder, "rgb.cal")).read().split()[:9], dtype=np.float64)
+        return k[0], k[4], k[2], k[5]
+    except (OSError, ValueError, IndexError):
+        return BIWI_INTRINSICS
+
+
+# ----------------------------------------------------------------------------------------------
+# Gender. CelebA: img_align_celeba/*.jpg, list_attr_celeba.txt (count; 40 attribute names;
+# "name v1 ... v40" with 1/-1), list_eval_partition.txt ("name split": 0 train, 1 val, 2 test).
+# UTKFace: [age]_[gender]_[race]_[datetime].jpg, gender 0 male / 1 female, no official split.
+
+CELEBA_CLASSES = ["female", "male"]
+CELEBA_BOX = (0, 20, 178, 198)  # the aligned 178x218 images: the centred square holding the face
+
+
+def read_celeba(root, attribute="Male"):
+    attributes_file = find(root, "list_attr_celeba.txt", "CelebA")
+    images = os.path.dirname(find(root, os.path.join("img_align_celeba", "*.jpg"), "CelebA"))
+    partition_file = find(root, "list_eval_partition.txt", "CelebA")
+    with open(attributes_file) as f:
+        lines = f.read().splitlines()
+    names = lines[1].split()
+    if attribute not in names:
+        raise DatasetError(f"CelebA: no attribute {attribute!r} in {attributes_file}")
+    column = names.index(attribute)
+    partition = {}
+    with open(partition_file) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 2:
+                partition[parts[0]] = parts[1]
+    split_names = {"0": "train", "1": "val", "2": "test"}
+    splits = {s: [] for s in split_names.values()}
+    skipped = {s: Counter() for s in split_names.values()}
+    for line in lines[2:]:
+        parts = line.split()
+        if not parts:
+            continue
+        split = split_names.get(partition.get(parts[0]), None)
+        if split is None:
+            skipped["train"]["not in list_eval_partition.txt"] += 1
+            continue
+        if len(parts) != len(names) + 1 or parts[column + 1] not in ("1", "-1"):
+            skipped[split]["malformed attribute row"] += 1
+            continue
+        path = os.path.join(images, parts[0])
+        if not os.path.exists(path):
+            skipped[split]["image file missing"] += 1
+            continue
+        splits[split].append(Sample(path, 1 if parts[column + 1] == "1" else 0, CELEBA_BOX))
+    return FaceData("celeba", "classify", CELEBA_CLASSES, splits, skipped, "test", margin=0.0)
+
+
+UTKFACE_CLASSES = ["male", "female"]
+
+
+def hash_bucket(name, buckets=10):
+    """A file's bucket from a hash of its name: a split that is stable across machines and
+    runs, and does not change when other files come or go."""
+    return int(hashlib.md5(name.encode()).hexdigest(), 16) % buckets
+
+
+def read_utkface(root):
+    """No official split: 80 / 10 / 10 % by a hash of the file name (stable across machines
+    and runs, and independent of which files are present)."""
+    folder = os.path.dirname(find(root, "*_*_*.jpg*", "UTKFace"))
+    splits = {"train": [], "val": [], "test": []}
+    skipped = {s: Counter() for s in splits}
+    for name in sorted(os.listdir(folder)):
+        if not name.lower().endswith((".jpg", ".jpg.chip.jpg", ".png")):
+            continue
+        bucket = hash_bucket(name)
+        split = "train" if bucket < 8 else ("val" if bucket == 8 else "test")
+        fields = name.split("_")
+        if len(fields) < 3 or fields[1] not in ("0", "1") or not fields[0].isdigit():
+            skipped[split]["file name is not age_gender_race_datetime"] += 1
+            continue
+        splits[split].append(Sample(os.path.join(folder, name), int(fields[1])))
+    return FaceData("utkface", "classify", UTKFACE_CLASSES, splits, skipped, "test", margin=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# FER2013 (fer2013.csv: emotion, 2304 space-separated grey pixels, Usage), RAF-DB basic, and a
+# plain folder of class sub-folders.
+
+FER2013_CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
+
+
+def read_fer2013(root):
+    path = find(root, "fer2013.csv", "FER2013")
+    split_names = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
+    splits = {s: [] for s in split_names.values()}
+    skipped = {s: Counter() for s in split_names.values()}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            split = split_names.get((row.get("Usage") or "").strip())
+            if split is None:
+                skipped["train"]["unknown Usage"] += 1
+                continue
+            try:
+                label = int(row["emotion"])
+                pixels = np.array(row["pixels"].split(), dtype=np.uint8)
+            except (ValueError, TypeError, AttributeError):
+                skipped[split]["malformed row"] += 1
+                continue
+            if pixels.size != 48 * 48:
+                skipped[split][f"malformed row ({pixels.size} pixels, expected 2304)"] += 1
+                continue
+            if not 0 <= label < 7:
+                skipped[split][f"emotion {label} outside 0..6"] += 1
+                continue
+            splits[split].append(Sample(pixels.reshape(48, 48), label))
+    return FaceData("fer2013", "classify", FER2013_CLASSES, splits, skipped, "test", margin=0.0)
+
+
+RAFDB_CLASSES = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
+
+
+def read_rafdb(root):
+    labels = find(root, "list_patition_label.txt", "RAF-DB basic")
+    basic = os.path.dirname(os.path.dirname(labels))
+    aligned = os.path.join(basic, "Image", "aligned")
+    original = os.path.join(basic, "Image", "original")
+    splits = {"train": [], "test": []}
+    skipped = {s: Counter() for s in splits}
+    with open(labels) as f:
+        for line in f:
+            parts = line.split()
+            if not parts:
+                continue
+            split = "train" if parts[0].startswith("train") else "test"
+            if len(parts) != 2 or not parts[1].isdigit() or not 1 <= int(parts[1]) <= 7:
+                skipped[split]["malformed row or label outside 1..7"] += 1
+                continue
+            stem = os.path.splitext(parts[0])[0]
+            path = os.path.join(aligned, f"{stem}_aligned.jpg")
+            if not os.path.exists(path):
+                path = os.path.join(original, parts[0])
+            if not os.path.exists(path):
+                skipped[split]["image file missing"] += 1
+                continue
+            splits[split].append(Sample(path, int(parts[1]) - 1))
+    return FaceData("rafdb", "classify", RAFDB_CLASSES, splits, skipped, "test", margin=0.0)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def read_folder(root):
+    """root/<class>/*.jpg, or root/{train,val,test}/<class>/*.jpg. Classes sorted by name.
+    Without split folders, a stratified 10 % is held out as "val" by a hash of the file name."""
+    require_dir(root, "image folder")
+    split_dirs = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
+    layout = {s: os.path.join(root, s) for s in split_dirs} or {"all": root}
+    classes = sorted({c for d in layout.values() for c in os.listdir(d)
+                      if os.path.isdir(os.path.join(d, c))})
+    if not classes:
+        raise DatasetError(f"image folder: expected class sub-folders in {root}, found none")
+    splits, skipped = {}, {}
+    for split, directory in layout.items():
+        samples = []
+        for index, name in enumerate(classes):
+            folder = os.path.join(directory, name)
+            if os.path.isdir(folder):
+                samples += [Sample(os.path.join(folder, f), index) for f in sorted(os.listdir(folder))
+                            if f.lower().endswith(IMAGE_EXTENSIONS)]
+        splits[split], skipped[split] = samples, Counter()
+    if "all" in splits:
+        held = {s.image for s in splits["all"] if hash_bucket(s.image) == 0}
+        splits = {"train": [s for s in splits["all"] if s.image not in held],
+                  "val": [s for s in splits["all"] if s.image in held]}
+        skipped = {"train": Counter(), "val": Counter()}
+    eval_split = "test" if "test" in splits else "val"
+    return FaceData("folder", "classify", classes, splits, skipped, eval_split, margin=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in demo: synthetic faces whose 8 expressions (AffectNet's classes) are carried by
+# fine details (mouth curve and opening, brow height and slant, eye opening, a nose wrinkle, a
+# one-sided smile), under nuisance variation in identity, skin tone, pose, scale, lighting,
+# noise and occlusion. Written once in AffectNet's original layout, so the demo runs the real
+# AffectNet reader, protocol and landmarks included.
+
+DEMO_VERSION = 1
+DEMO_DEFAULT_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "hmtl", f"demo-v{DEMO_VERSION}")
+
+# per expression: brow raise, brow slant (inner end up > 0), eye opening, mouth curve (corners
+# up > 0), mouth opening, mouth width, one-sided corner raise, nose wrinkle; then valence,
+# arousal
+DEMO_EXPRESSIONS = [
+    # raise slant  eye  curve  open width  side  nose    V     A
+    (0.00, 0.00, 1.00, 0.00, 0.00, 1.00, 0.00, 0.0, 0.0, 0.0),     # Neutral
+    (0.00, 0.00, 0.75, 0.14, 0.12, 1.15, 0.00, 0.0, 0.7, 0.4),     # Happy
+    (0.02, 0.10, 0.85, -0.12, 0.00, 0.90, 0.00, 0.0, -0.6, -0.3),  # Sad
+    (0.13, 0.00, 1.50, 0.00, 0.40, 0.70, 0.00, 0.0, 0.2, 0.8),     # Surprise
+    (0.10, 0.10, 1.45, -0.04, 0.18, 1.20, 0.00, 0.0, -0.5, 0.7),   # Fear
+    (-0.04, -0.03, 0.70, -0.07, 0.06, 0.95, 0.00, 1.0, -0.6, 0.3),  # Disgust
+    (-0.07, -0.13, 0.70, -0.02, 0.00, 0.85, 0.00, 0.0, -0.6, 0.6),  # Anger
+    (0.00, 0.00, 0.95, 0.00, 0.00, 1.00, 0.14, 0.0, -0.4, 0.2),     # Contempt
+]
+DEMO_CANVAS = 128
+
+
+def demo_face(rng, expression):
+    """Draw one synthetic face. Returns (PIL image, face box (x, y, w, h), (68, 2) landmarks,
+    valence, arousal)."""
+    neutral = np.array(DEMO_EXPRESSIONS[0][:8])
+    delta = (np.array(DEMO_EXPRESSIONS[expression][:8]) - neutral) * rng.uniform(0.6, 1.2)
+    delta += rng.normal(0, 1, 8) * np.array([0.015, 0.015, 0.08, 0.02, 0.02, 0.05, 0.015, 0.1])
+    brow_raise, slant, eye_open, curve, mouth_open, width, side, wrinkle = neutral + delta
+    side *= rng.choice([-1, 1])
+
+    face_w = rng.uniform(52, 76)
+    face_h = face_w * rng.uniform(1.15, 1.3)
+    centre = np.array([DEMO_CANVAS / 2, DEMO_CANVAS / 2]) + rng.uniform(-12, 12, 2)
+    angle = math.radians(rng.uniform(-15, 15))
+    yaw = rng.uniform(-0.12, 0.12)  # a hint of turn: features shift sideways
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+
+    def to_image(u, v):
+        """Face coordinates (u right, v down, [-1, 1] across the face) -> image pixels."""
+        local = np.stack([(np.asarray(u) + yaw * (1 - np.asarray(u) ** 2)) * face_w / 2,
+                          np.asarray(v) * face_h / 2], -1)
+        return local @ rotation.T + centre
+
+    # the 68 points, iBUG order
+    t = np.radians(np.linspace(170, 370, 17))  # ear to ear through the chin (v points down)
+    jaw = to_image(np.cos(t) * 0.98, -np.sin(t) * 0.98)
+    brows = []
+    # the subject's right brow first (image left), each from image-left to image-right
+    for u in (-np.linspace(0.62, 0.16, 5), np.linspace(0.16, 0.62, 5)):
+        inner = 1 - (np.abs(u) - 0.16) / 0.46   # 1 at the inner end
+        v = -0.36 - brow_raise - slant * inner + 0.03 * np.sin(np.pi * (1 - inner))
+        brows.append(to_image(u, v))
+    nose = np.concatenate([to_image(np.zeros(4), np.linspace(-0.2, 0.12, 4)),
+                           to_image(np.linspace(-0.13, 0.13, 5), 0.2 + 0.03 * np.abs(np.linspace(-1, 1, 5)))])
+    eyes = []
+    for centre_u in (-0.36, 0.36):
+        ring = np.radians([180, 120, 60, 0, -60, -120])
+        openness = 0.07 * eye_open
+        eyes.append(to_image(centre_u + 0.14 * np.cos(ring), -0.12 - openness * np.sin(ring)))
+    half = 0.28 * width
+    mouth_u = np.linspace(-half, half, 7)
+    rise = curve * (mouth_u / half) ** 2 + side * (mouth_u / half + 1) / 2
+    upper = 0.5 - rise - 0.02 * np.cos(np.pi * mouth_u / half / 2)
+    lower_u = np.linspace(half, -half, 7)[1:-1]
+    lower_rise = curve * (lower_u / half) ** 2 + side * (lower_u / half + 1) / 2
+    lower = 0.5 - lower_rise + 0.05 + mouth_open * np.cos(np.pi * lower_u / half / 2)
+    outer = np.concatenate([to_image(mouth_u, upper), to_image(lower_u, lower)])
+    inner_u = np.linspace(-half * 0.7, half * 0.7, 5)
+    inner_rise = curve * (inner_u / half) ** 2 + side * (inner_u / half + 1) / 2
+    inner_top = to_image(inner_u, 0.5 - inner_rise + 0.01)
+    inner_bottom = to_image(inner_u[::-1][1:-1], 0.5 - inner_rise[::-1][1:-1] + 0.02 +
+                            mouth_open * 0.8 * np.cos(np.pi * inner_u[::-1][1:-1] / half / 2))
+    landmarks = np.concatenate([jaw, *brows, nose, *eyes, outer, inner_top, inner_bottom])
+
+    # draw
+    skin = np.array(rng.choice([[236, 200, 170], [210, 160, 120], [160, 110, 80], [110, 75, 55],
+                                [250, 220, 200]])) * rng.uniform(0.85, 1.1)
+    background = rng.uniform(20, 235, 3)
+    image = Image.new("RGB", (DEMO_CANVAS, DEMO_CANVAS), tuple(int(c) for c in background))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(0, 4)):  # background clutter
+        x, y = rng.uniform(0, DEMO_CANVAS, 2)
+        r = rng.uniform(5, 30)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.uniform(0, 255, 3)))
+    t = np.linspace(0, 2 * np.pi, 48)
+    outline = to_image(np.cos(t), np.sin(t))
+    hair = tuple(int(c) for c in rng.uniform(10, 120, 3))
+    draw.polygon([tuple(p) for p in to_image(np.cos(t) * 1.08, np.sin(t) * 1.06 - 0.08)], fill=hair)
+    draw.polygon([tuple(p) for p in outline], fill=tuple(int(c) for c in skin))
+    feature = tuple(int(c) for c in skin * rng.uniform(0.25, 0.45))
+    stroke = max(1, int(round(face_w / 28)))
+    for brow in brows:
+        draw.line([tuple(p) for p in brow], fill=hair, width=stroke + 1)
+    for eye in eyes:
+        draw.polygon([tuple(p) for p in eye], fill=(245, 245, 240), outline=feature)
+        pupil = eye.mean(0)
+        r = min(face_w * 0.035, max(1.0, np.ptp(eye[:, 1]) / 2))
+        draw.ellipse([pupil[0] - r, pupil[1] - r, pupil[0] + r, pupil[1] + r], fill=(30, 25, 20))
+    draw.line([tuple(p) for p in nose[:4]], fill=feature, width=1)
+    draw.line([tuple(p) for p in nose[4:]], fill=feature, width=stroke)
+    if wrinkle > 0.5:
+        for k in (-1, 1):
+            a, b = to_image(k * 0.05, -0.02), to_image(k * 0.16, 0.06)
+            draw.line([tuple(a), tuple(b)], fill=feature, width=stroke)
+    lips = tuple(int(c) for c in np.clip(skin * np.array([0.75, 0.45, 0.45]), 0, 255))
+    draw.polygon([tuple(p) for p in outer], fill=lips)
+    if mouth_open > 0.08:
+        draw.polygon([tuple(p) for p in np.concatenate([inner_top, inner_bottom])], fill=(40, 10, 10))
+    else:
+        draw.line([tuple(p) for p in inner_top], fill=feature, width=stroke)
+
+    pixels = np.asarray(image, dtype=np.float32)
+    light = rng.uniform(-0.35, 0.35, 2)  # a lighting gradient across the image
+    yy, xx = np.mgrid[0:DEMO_CANVAS, 0:DEMO_CANVAS] / DEMO_CANVAS - 0.5
+    pixels *= (1 + light[0] * xx + light[1] * yy)[..., None] * rng.uniform(0.7, 1.2)
+    pixels += rng.normal(0, rng.uniform(2, 10), pixels.shape)
+    if rng.random() < 0.25:  # an occluder: a hand, a scarf, sunglasses' edge...
+        x, y = rng.uniform(0, DEMO_CANVAS, 2)
+        w, h = rng.uniform(8, 28, 2)
+        pixels[int(y):int(y + h), int(x):int(x + w)] = rng.uniform(0, 255, 3)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+    x0, y0 = outline.min(0)
+    x1, y1 = outline.max(0)
+    valence, arousal = np.clip(np.array(DEMO_EXPRESSIONS[expression][8:]) * rng.uniform(0.6, 1.2)
+                               + rng.normal(0, 0.08, 2), -1, 1)
+    return image, (x0, y0, x1 - x0, y1 - y0), landmarks, float(valence), float(arousal)
+
+
+def make_demo(root=DEMO_DEFAULT_ROOT, train_per_class=300, val_per_class=50, seed=0):
+    """Write the demo set once (AffectNet original layout) and return its root. A finished set
+    is marked by a stamp file; an interrupted write is redone from the start."""
+    stamp = os.path.join(root, "demo-complete.json")
+    settings = dict(version=DEMO_VERSION, train_per_class=train_per_class,
+                    val_per_class=val_per_class, seed=seed)
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            if json.load(f) == settings:
+                return root
+    rng = np.random.default_rng(seed)
+    lists = os.path.join(root, "Manually_Annotated_file_lists")
+    os.makedirs(lists, exist_ok=True)
+    index = 0
+    for split, per_class, filename in (("train", train_per_class, "training.csv"),
+                                       ("val", val_per_class, "validation.csv")):
+        labels = [c for c in range(8) for _ in range(per_class)]
+        if split == "train":
+            labels += [8] * (per_class // 25)  # a few "None" rows: the 8-class protocol drops them
+        rows = [["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
+                 "facial_landmarks", "expression", "valence", "arousal"]]
+        for label in rng.permutation(labels):
+            image, box, landmarks, valence, arousal = demo_face(rng, int(label) if label < 8 else
+                                                                int(rng.integers(0, 8)))
+            relative = f"{index // 500:03d}/{index:06d}.jpg"
+            path = os.path.join(root, "Manually_Annotated_Images", relative)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            image.save(path, quality=92)
+            rows.append([relative, *(f"{v:.1f}" for v in box),
+                         ";".join(f"{v:.2f}" for v in landmarks.ravel()), int(label),
+                         f"{valence:.4f}", f"{arousal:.4f}"])
+            index += 1
+        with open(os.path.join(lists, filename), "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    with open(stamp, "w") as f:
+        json.dump(settings, f)
+    return root
+
+
+def read_demo(root=None):
+    """The demo set under `root` as it was written, or a default one written there first."""
+    root = root or DEMO_DEFAULT_ROOT
+    if not os.path.exists(os.path.join(root, "demo-complete.json")):
+        make_demo(root)
+    data = read_affectnet(root, 8)
+    data.name = "demo"
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading by name.
+
+READERS = {
+    "affectnet": read_affectnet, "ckplus": read_ckplus, "300w_lp": read_300w_lp,
+    "aflw2000": read_aflw2000, "biwi": read_biwi, "celeba": read_celeba,
+    "utkface": read_utkface, "fer2013": read_fer2013, "rafdb": read_rafdb,
+    "folder": read_folder, "demo": read_demo,
+}
+
+
+def load(name, root=None, classes=None):
+    """FaceData for dataset `name` under `root`. `classes` picks the protocol where a dataset
+    has several (AffectNet 8/7, CK+ 7/8)."""
+    if name not in READERS:
+        raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(READERS)}")
+    if root is None and name != "demo":
+        raise DatasetError(f"--data-root is required for {name}")
+    kwargs = {"classes": classes} if classes is not None and name in ("affectnet", "ckplus") else {}
+    data = READERS[name](root, **kwargs)
+    if not any(data.splits.values()):
+        raise DatasetError(f"{name}: no usable samples below {root} "
+                           f"(skipped: {dict(sum(data.skipped.values(), Counter()))})")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# From a Sample to a tensor: decode, crop the face, resize.
+
+def square_box(box, margin, width=None, height=None):
+    """The face box grown by `margin` of its size on every side and made square around its
+    centre (so resizing never distorts the face). None means the whole image."""
+    if box is None:
+        return (0.0, 0.0, float(width), float(height))
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+
+
+def open_image(sample, size_hint=None):
+    """RGB PIL image of a sample. JPEGs decode at a reduced scale when the face crop would
+    still be at least `size_hint` pixels wide (PIL's draft mode: several times faster on
+    AffectNet's large originals). Returns (image, scale of its pixels vs the original)."""
+    if isinstance(sample.image, np.ndarray):
+        return Image.fromarray(sample.image).convert("RGB"), 1.0
+    image = Image.open(sample.image)
+    width, height = image.size
+    if size_hint and image.format == "JPEG":
+        x0, y0, x1, y1 = square_box(sample.box, 0, width, height)
+        scale = min(1.0, size_hint / max(1.0, x1 - x0))
+        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+    image = image.convert("RGB")
+    return image, image.size[0] / width
+
+
+class BoxOutsideImage(ValueError):
+    pass
+
+
+def load_face(sample, size, margin):
+    """(uint8 (3, size, size) tensor, (68, 2) landmarks in crop pixels or None). Raises
+    BoxOutsideImage, or what PIL raises for a corrupt file (OSError, ValueError, SyntaxError)."""
+    image, scale = open_image(sample, size)
+    full_w, full_h = image.size[0] / scale, image.size[1] / scale
+    x0, y0, x1, y1 = square_box(sample.box, margin, full_w, full_h)
+    visible_w = min(x1, full_w) - max(x0, 0)
+    visible_h = min(y1, full_h) - max(y0, 0)
+    if visible_w <= 0 or visible_h <= 0 or visible_w * visible_h < 0.1 * (x1 - x0) * (y1 - y0):
+        raise BoxOutsideImage("face box (almost) entirely outside the image")
+    # the parts of the square past the border are padded with black
+    crop = image.crop(tuple(int(round(v * scale)) for v in (x0, y0, x1, y1)))
+    crop = crop.resize((size, size), Image.BILINEAR, reducing_gap=None)
+    pixels = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)
+    landmarks = None
+    if sample.landmarks is not None:
+        landmarks = (sample.landmarks - np.array([x0, y0], np.float32)) * (size / (x1 - x0))
+    return pixels, landmarks
+
+
+def target_tensor(data, sample):
+    if data.task == "pose":
+        return torch.tensor(sample.target, dtype=torch.float32)
+    return torch.tensor(sample.target, dtype=torch.long)
+
+
+def va_tensor(sample):
+    return torch.tensor(sample.va if sample.va is not None else (-2.0, -2.0), dtype=torch.float32)
+
+
+class FaceDataset(torch.utils.data.Dataset):
+    """Decodes and crops on the fly (the plain reader). Items are dicts; a corrupt image or a
+    box outside the image gives None, which `collate` drops and counts."""
+
+    def __init__(self, data, split, size, indices=None):
+        self.data, self.samples, self.size = data, data.splits[split], size
+        self.indices = list(range(len(self.samples))) if indices is None else list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        sample = self.samples[self.indices[i]]
+        try:
+            image, landmarks = load_face(sample, self.size, self.data.margin)
+        except BoxOutsideImage:
+            return {"error": "face box outside the image", "source": str(sample.image)[:200]}
+        except (OSError, ValueError, SyntaxError):  # PIL raises all three on bad files
+            return {"error": "image unreadable or corrupt", "source": str(sample.image)[:200]}
+        return make_item(image, landmarks, target_tensor(self.data, sample), va_tensor(sample))
+
+
+def make_item(image, landmarks, target, va):
+    has = landmarks is not None
+    return {"image": image, "target": target, "va": va,
+            "landmarks": torch.as_tensor(landmarks if has else np.zeros((68, 2), np.float32)),
+            "has_landmarks": torch.tensor(has)}
+
+
+def collate(items):
+    """Stack a batch, dropping the items that failed to load; "skipped" lists their errors so
+    the training loop can count and report them (never a crash mid-epoch, never silent)."""
+    good = [item for item in items if "error" not in item]
+    batch = {key: torch.stack([item[key] for item in good]) for key in good[0]} if good else {}
+    batch["skipped"] = [f"{item['source']}: {item['error']}" for item in items if "error" in item]
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# The prepared cache: every face decoded, cropped and resized once, into a uint8 array on disk
+# (memory-mapped when read). Training reads whole batches from it: no JPEG decoding per epoch.
+
+def cache_dir(data_root, name, size, classes=None):
+    tag = f"{name}-{classes}c-{size}px" if classes else f"{name}-{size}px"
+    return os.path.join(data_root or DEMO_DEFAULT_ROOT, "hmtl_cache", tag)
+
+
+def prepare(data, data_root, size, workers=None, classes=None, progress=print):
+    """Write every split of `data` into the cache (atomically: a temporary folder, then a
+    rename, so an interrupted run leaves no half cache behind and can simply be rerun).
+    Images that fail to load are skipped and counted in the cache's metadata."""
+    target = cache_dir(data_root, data.name, size, classes)
+    if os.path.exists(os.path.join(target, "meta.json")):
+        return target
+    temporary = target + f".partial-{os.getpid()}"
+    os.makedirs(temporary, exist_ok=True)
+    meta = {"dataset": data.name, "size": size, "task": data.task, "classes": data.classes,
+            "eval_split": data.eval_split, "folds": data.folds, "splits": {}}
+    workers = workers or min(16, os.cpu_count() or 1)
+    for split, samples in data.splits.items():
+        n = len(samples)
+        images = np.lib.format.open_memmap(os.path.join(temporary, f"{split}-images.npy"), "w+",
+                                           np.uint8, (max(n, 1), size, size, 3))
+        landmarks = np.zeros((n, 68, 2), np.float32)
+        has = np.zeros(n, bool)
+        ok = np.zeros(n, bool)
+        errors = Counter(data.skipped.get(split, Counter()))
+        dataset = FaceDataset(data, split, size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=workers,
+                                             collate_fn=list)
+        position = 0
+        for items in loader:
+            for item in items:
+                if "error" in item:
+                    errors[item["error"]] += 1
+                else:
+                    images[position] = item["image"].permute(1, 2, 0).numpy()
+                    landmarks[position] = item["landmarks"].numpy()
+                    has[position] = bool(item["has_landmarks"])
+                    ok[position] = True
+                position += 1
+            progress(f"prepare {data.name}/{split}: {position}/{n}")
+        images.flush()
+        del images
+        kept = np.flatnonzero(ok)
+        targets = [samples[i].target for i in kept]
+        np.savez(os.path.join(temporary, f"{split}-labels.npz"), kept=kept,
+                 landmarks=landmarks[kept], has_landmarks=has[kept],
+                 target=np.array(targets, dtype=np.float32 if data.task == "pose" else np.int64),
+                 va=np.array([samples[i].va or (-2.0, -2.0) for i in kept], np.float32),
+                 subject=np.array([samples[i].subject or "" for i in kept]))
+        meta["splits"][split] = {"samples": int(len(kept)), "skipped": dict(errors)}
+    with open(os.path.join(temporary, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    if os.path.exists(target):  # another process finished first: keep theirs
+        return target
+    os.replace(temporary, target)
+    return target
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """A split of the prepared cache. `__getitems__` reads a whole batch with one indexed
+    copy out of the memory map, which is what makes the CPU side fast."""
+
+    def __init__(self, directory, split, indices=None):
+        with open(os.path.join(directory, "meta.json")) as f:
+            self.meta = json.load(f)
+        labels = np.load(os.path.join(directory, f"{split}-labels.npz"))
+        self.kept = labels["kept"]
+        self.images = np.load(os.path.join(directory, f"{split}-images.npy"), mmap_mode="r")
+        self.target = torch.from_numpy(labels["target"])
+        self.landmarks = torch.from_numpy(labels["landmarks"])
+        self.has_landmarks = torch.from_numpy(labels["has_landmarks"])
+        self.va = torch.from_numpy(labels["va"])
+        self.indices = np.arange(len(self.kept)) if indices is None else np.asarray(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])
+
+    def __getitems__(self, batch_indices):
+        rows = self.indices[np.asarray(batch_indices)]
+        order = np.argsort(rows)  # ascending reads from the memory map, then back in order
+        images = np.empty((len(rows),) + self.images.shape[1:], np.uint8)
+        images[order] = self.images[self.kept[rows[order]]]
+        rows = torch.from_numpy(rows)
+        return {"image": torch.from_numpy(images).permute(0, 3, 1, 2),
+                "target": self.target[rows], "va": self.va[rows],
+                "landmarks": self.landmarks[rows], "has_landmarks": self.has_landmarks[rows],
+                "skipped": []}
+
+
+def identity_collate(batch):
+    """For a DataLoader over CachedDataset, whose __getitems__ already returns the batch."""
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: class-weighted loss (hmtl.class_weights), oversampling, a stratified fraction.
+
+def oversampling_weights(targets):
+    """Per-sample weight 1 / n_c: every class drawn equally often in expectation (use with
+    torch.utils.data.WeightedRandomSampler)."""
+    targets = torch.as_tensor(targets)
+    counts = torch.bincount(targets).float()
+    return 1.0 / counts[targets]
+
+
+def stratified_fraction(targets, fraction, seed=0):
+    """Indices of a class-stratified `fraction` of the samples (at least one per class that
+    has any), fixed by `seed`. The low-data experiment uses 0.2."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train fraction must be in (0, 1], not {fraction}")
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(targets):
+        members = np.flatnonzero(targets == c)
+        keep = max(1, int(round(len(members) * fraction)))
+        chosen.append(rng.choice(members, keep, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation, batched on the device. One random draw per sample for every parameter.
+# Geometry is a single affine map per sample (rotation, zoom into a random crop, flip), applied
+# with grid_sample; landmarks go through the same map, and a flip swaps left and right
+# landmarks and negates yaw and roll.
+
+AUGMENT_LEVELS = {
+    # rotation (deg), crop fraction range, colour jitter p, grayscale p, blur p, down-up p,
+    # noise p, cutout p (side 60/224 of the image)
+    "none": dict(rotate=0, crop=(1.0, 1.0), jitter=0, gray=0, blur=0, downup=0, noise=0, cutout=0),
+    "weak": dict(rotate=15, crop=(0.69, 0.99), jitter=0.4, gray=0.2, blur=0, downup=0, noise=0,
+                 cutout=0),
+    "strong": dict(rotate=25, crop=(0.6, 0.99), jitter=0.9, gray=0.3, blur=0.2, downup=0.2,
+                   noise=0.5, cutout=0.5),
+}
+
+# 68-point flip: the index that lands on each position when the face is mirrored.
+FLIP_LANDMARKS = (list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30] +
+                  [35, 34, 33, 32, 31] + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40] +
+                  [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + [64, 63, 62, 61, 60, 67, 66, 65])
+
+
+def normalize(images):
+    """uint8 or [0, 255] float images -> ImageNet-normalised float (what the encoder expects,
+    and what ImageNet initialisation needs)."""
+    mean = torch.tensor(models.IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(models.IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+def augment(images, level, landmarks=None, pose=None, generator=None, flip=True):
+    """Augment a batch of uint8 (N, 3, S, S) images on their device. Returns (normalised float
+    images, landmarks moved with them, pose targets with yaw and roll negated where flipped).
+    Head pose skips rotation (it would change the roll label): pass pose to get that."""
+    if level not in AUGMENT_LEVELS:
+        raise ValueError(f"unknown augmentation level {level!r}; choose from {list(AUGMENT_LEVELS)}")
+    n, _, h, w = images.shape
+    theta, mirrored = random_geometry(n, level, pose is not None, flip, generator, images.device)
+    x = images.float()
+    if level != "none" or flip:  # else the map is the identity
+        x = warp(x, theta)
+    if landmarks is not None:
+        landmarks = move_landmarks(landmarks.to(images.device).float(), theta, mirrored, w, h)
+    if pose is not None:
+        pose = pose.clone()
+        pose[:, 0] = torch.where(mirrored, -pose[:, 0], pose[:, 0])  # yaw
+        pose[:, 2] = torch.where(mirrored, -pose[:, 2], pose[:, 2])  # roll
+    return normalize(photometric(x, level, generator).clamp(0, 255)), landmarks, pose
+
+
+def uniform(shape, generator, device, low=0.0, high=1.0):
+    """U(low, high) of `shape` on `device`, drawn from `generator` (on its own device)."""
+    r = torch.rand(*shape, generator=generator,
+                   device=generator.device if generator is not None else device)
+    return r.to(device) * (high - low) + low
+
+
+def random_geometry(n, level, keep_upright=False, flip=True, generator=None, device="cpu"):
+    """Per sample: rotation, zoom into a random crop of the level's size range, and a flip
+    with probability 1/2, as one affine map theta (N, 2, 3) from output to input coordinates
+    (normalised to [-1, 1], as affine_grid wants). Returns (theta, mirrored)."""
+    p = AUGMENT_LEVELS[level]
+    angle = torch.deg2rad(uniform((n,), generator, device, -1, 1) * (0 if keep_upright else p["rotate"]))
+    scale = uniform((n,), generator, device, *p["crop"])
+    shift = (uniform((n, 2), generator, device) * 2 - 1) * (1 - scale)[:, None]  # stay inside
+    mirrored = uniform((n,), generator, device) < (0.5 if flip else 0.0)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    sign = torch.where(mirrored, -1.0, 1.0)
+    theta = torch.stack([torch.stack([cos * sign, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * sign, cos, shift[:, 1]], 1)], 1)
+    return theta, mirrored
+
+
+def warp(images, theta):
+    """Resample float images through theta (bilinear; outside the image is black)."""
+    grid = F.affine_grid(theta, images.shape, align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def photometric(x, level, generator=None):
+    """The level's colour and quality changes on float [0, 255] images, each applied to a
+    random subset of the batch with its own parameters per sample."""
+    p = AUGMENT_LEVELS[level]
+    n, _, h, w = x.shape
+    device = x.device
+
+    def chosen(probability):
+        return (uniform((n,), generator, device) < probability).view(n, 1, 1, 1)
+
+    def factor():
+        return uniform((n, 1, 1, 1), generator, device, 0.6, 1.4)
+
+    if p["jitter"]:  # brightness, contrast, saturation, each x U(0.6, 1.4)
+        jittered = x * factor()
+        mean = grayscale(jittered).mean((2, 3), keepdim=True)
+        jittered = (jittered - mean) * factor() + mean
+        gray = grayscale(jittered)
+        jittered = (jittered - gray) * factor() + gray
+        x = torch.where(chosen(p["jitter"]), jittered, x)
+    if p["gray"]:
+        x = torch.where(chosen(p["gray"]), grayscale(x).expand_as(x), x)
+    if p["blur"]:  # 5x5 binomial kernel
+        kernel = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], device=device)
+        kernel = (kernel[:, None] * kernel[None, :] / 256).expand(3, 1, 5, 5)
+        blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel, groups=3)
+        x = torch.where(chosen(p["blur"]), blurred, x)
+    if p["downup"]:  # down to a third and back up: low-resolution faces
+        small = F.interpolate(x, size=(h // 3, w // 3), mode="bilinear", align_corners=False)
+        x = torch.where(chosen(p["downup"]),
+                        F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False), x)
+    if p["noise"]:  # Gaussian, sigma up to 12 grey levels
+        sigma = uniform((n, 1, 1, 1), generator, device, 0, 12.0) * chosen(p["noise"])
+        noise = torch.randn(x.shape, generator=generator,
+                            device=generator.device if generator is not None else device)
+        x = x + noise.to(device) * sigma
+    if p["cutout"]:  # one square of 60/224 of the side, filled with the mean colour
+        side = 60 / 224
+        corner = uniform((n, 2), generator, device) * (1 - side)
+        ys = torch.arange(h, device=device).view(1, h, 1) / h
+        xs = torch.arange(w, device=device).view(1, 1, w) / w
+        box = ((ys >= corner[:, 1, None, None]) & (ys < corner[:, 1, None, None] + side) &
+               (xs >= corner[:, 0, None, None]) & (xs < corner[:, 0, None, None] + side))
+        mean = torch.tensor(models.IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        x = torch.where(box[:, None] & chosen(p["cutout"]), mean, x)
+    return x
+
+
+def grayscale(images):
+    """ITU-R 601 luma, (N, 1, H, W)."""
+    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
+    return (images * weights).sum(1, keepdim=True)
+
+
+def move_landmarks(landmarks, theta, mirrored, width, height):
+    """Map landmarks (N, 68, 2) in input pixels through the inverse of the sampling map theta
+    (which takes output coordinates to input coordinates), then re-index mirrored faces so
+    that point i is again the subject's point i."""
+    size = torch.tensor([width, height], device=landmarks.device, dtype=landmarks.dtype)
+    normalised = landmarks / size * 2 - 1
+    a, t = theta[:, :, :2], theta[:, :, 2]
+    out = torch.linalg.solve(a, (normalised - t[:, None]).transpose(1, 2)).transpose(1, 2)
+    out = (out + 1) / 2 * size
+    flipped = out[:, list(FLIP_LANDMARKS)]
+    return torch.where(mirrored.view(-1, 1, 1), flipped, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The summary command: what is in a copy of a dataset, before a 10-hour run.
+
+def summarize(data, verify=False, size=64):
+    """Per split: samples per class (by name) or angle ranges, skipped rows by reason; with
+    `verify`, every image is also decoded and cropped (slow) and failures counted."""
+    report = {"dataset": data.name, "task": data.task, "classes": data.classes, "splits": {}}
+    for split, samples in data.splits.items():
+        entry = {"samples": len(samples), "skipped": dict(data.skipped.get(split, {}))}
+        if data.task == "classify":
+            entry["per_class"] = dict(zip(data.classes, data.counts(split)))
+        elif samples:
+            angles = np.array([s.target for s in samples])
+            entry["angles"] = {name: [round(float(angles[:, k].min()), 1),
+                                      round(float(angles[:, k].max()), 1)]
+                               for k, name in enumerate(("yaw", "pitch", "roll"))}
+        entry["with_landmarks"] = sum(s.landmarks is not None for s in samples)
+        if verify:
+            failures = Counter()
+            for item in FaceDataset(data, split, size):
+                if "error" in item:
+                    failures[item["error"]] += 1
+            entry["skipped"].update(failures)
+            entry["samples"] -= sum(failures.values())
+        report["splits"][split] = entry
+    if data.folds:
+        per_subject = Counter(s.subject for s in data.splits["all"])
+        report["folds"] = [{"subjects": f, "images": sum(per_subject[s] for s in f)}
+                           for f in data.folds]
+    return report
+
+
+def print_summary(report):
+    print(f"{report['dataset']} ({report['task']})")
+    for split, entry in report["splits"].items():
+        print(f"  {split}: {entry['samples']} samples, {entry['with_landmarks']} with landmarks")
+        for name, count in entry.get("per_class", {}).items():
+            print(f"    {name:12} {count}")
+        for name, (low, high) in entry.get("angles", {}).items():
+            print(f"    {name:6} {low:7.1f} .. {high:6.1f} degrees")
+        for reason, count in sorted(entry["skipped"].items(), key=lambda kv: -kv[1]):
+            print(f"    skipped {count:6}  {reason}")
+    for i, fold in enumerate(report.get("folds") or []):
+        print(f"  fold {i}: {fold['images']} images, subjects {' '.join(fold['subjects'])}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="HMTL datasets: check a copy, prepare a cache.")
+    parser.add_argument("command", choices=["summary", "prepare"])
+    parser.add_argument("--dataset", required=True, choices=list(READERS))
+    parser.add_argument("--data-root", help="the dataset's folder, as downloaded")
+    parser.add_argument("--classes", type=int, help="protocol: AffectNet 8|7, CK+ 7|8")
+    parser.add_argument("--size", type=int, default=224, help="prepare: face crop side in pixels")
+    parser.add_argument("--workers", type=int, help="prepare: decoding processes")
+    parser.add_argument("--verify", action="store_true", help="summary: decode every image")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        data = load(args.dataset, args.data_root, args.classes)
+        if args.command == "summary":
+            report = summarize(data, args.verify)
+            print(json.dumps(report, indent=1)) if args.json else print_summary(report)
+            return report
+        directory = prepare(data, args.data_root, args.size, args.workers, args.classes,
+                            progress=lambda line: print(line, file=sys.stderr))
+        print(directory)
+        return directory
+    except DatasetError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
