@@ -13,6 +13,9 @@ Parts (`python bench.py models hmtl`; all by default):
            also with memory_efficient=True.
   hmtl     the HMTL training step (joint loss, pretext transform batched on the device) with
            puzzling and with in-painting, against plain supervised learning (SL).
+  data     the input pipeline against the B0 training step it feeds: the plain reader
+           (decode + crop + strong augmentation per sample, 1 core), the prepared cache (read +
+           collate whole batches, 1 core), the strong augmentation batched on the device.
 
 Memory: "activation MiB" is what autograd keeps for backward during one forward pass (the
 dominant, batch-proportional term, measured exactly on any device); "peak MiB" is
@@ -22,6 +25,7 @@ torch.cuda.max_memory_allocated over a training step, on CUDA only.
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -170,6 +174,85 @@ def bench_hmtl(args, device, autocast):
     return rows
 
 
+def bench_data(args, device, autocast):
+    """Can the input pipeline feed the training step? On `args.data_size` px faces from
+    synthetic 800x600 JPEGs (AffectNet's originals are of that order):
+      (a) the plain reader, decoding + cropping (+ strong augmentation) per sample, 1 core;
+      (b) the prepared cache, reading + collating whole batches, 1 core;
+      the strong augmentation batched on the device, and the B0 training step on the device.
+    Ratios: throughput relative to the training step (> 1: faster than the step it feeds)."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    import data
+
+    size, batch, count = args.data_size, args.batch, args.data_images
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        rng = np.random.default_rng(0)
+        smooth = np.kron(rng.integers(0, 256, (60, 80, 3)), np.ones((10, 10, 1))).astype(np.uint8)
+        samples = []
+        for i in range(count):
+            pixels = np.clip(smooth.astype(np.int16) + rng.integers(-20, 20, smooth.shape), 0, 255)
+            path = os.path.join(root, f"{i}.jpg")
+            Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
+            samples.append(data.Sample(path, i % 8, (250.0, 150.0, 550.0, 450.0),
+                                       np.full((68, 2), 400.0, np.float32)))
+        faces = data.FaceData("synthetic", "classify", [str(c) for c in range(8)],
+                              {"train": samples}, {"train": {}}, "train")
+        plain = data.FaceDataset(faces, "train", size)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # per core
+        try:
+            def read_plain(augment):
+                start = time.perf_counter()
+                for first in range(0, count, batch):
+                    items = data.collate([plain[i] for i in range(first, min(count, first + batch))])
+                    if augment:
+                        data.augment(items["image"], "strong", items["landmarks"])
+                return count / (time.perf_counter() - start)
+            decode = statistics.median(read_plain(False) for _ in range(3))
+            decode_augment = statistics.median(read_plain(True) for _ in range(3))
+            directory = data.prepare(faces, root, size, workers=0, progress=lambda line: None)
+            cached = data.CachedDataset(directory, "train")
+            order = np.random.default_rng(1).permutation(np.tile(np.arange(count), 8))
+
+            def read_cache():
+                start = time.perf_counter()
+                for first in range(0, len(order) - batch + 1, batch):
+                    cached.__getitems__(order[first:first + batch])
+                return (len(order) // batch * batch) / (time.perf_counter() - start)
+            cache_rate = statistics.median(read_cache() for _ in range(3))
+        finally:
+            torch.set_num_threads(threads)
+
+        images = cached.__getitems__(np.arange(batch) % count)
+        uint8_batch = images["image"].to(device).contiguous(memory_format=memory_format(args))
+        landmarks = images["landmarks"].to(device)
+        model = models.efficientnet("b0", 8).to(device, memory_format=memory_format(args)).train()
+        labels = torch.randint(0, 8, (batch,), device=device)
+        normalised = data.normalize(uint8_batch).contiguous(memory_format=memory_format(args))
+        step = make_step(model, lambda: F.cross_entropy(model(normalised), labels), autocast)
+        times = race({"augment": lambda: data.augment(uint8_batch, "strong", landmarks),
+                      "step": step}, device, args.steps, args.rounds)
+        step_rate = batch / statistics.median(times["step"])
+        augment_rate = batch / statistics.median(times["augment"])
+
+    def row(name, rate):
+        ratio = rate / step_rate
+        return dict(part="data", arch="b0", model=name, images_per_s=rate, ratio_vs_step=ratio,
+                    ratio_vs_step_min=ratio, ratio_vs_step_max=ratio, peak_mib=None)
+    rows += [row("(a) plain: decode + crop, 1 core", decode),
+             row("(a) plain: + strong augment, 1 core", decode_augment),
+             row("(b) cache: read + collate, 1 core", cache_rate),
+             row(f"strong augment, batched, {device.type}", augment_rate),
+             row(f"B0 training step, {device.type}", step_rate)]
+    rows[-2]["share_of_step"] = step_rate / augment_rate  # augmentation time / step time
+    return rows
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -182,7 +265,8 @@ def describe(device, args):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
                 device=f"{device.type}: {name}",
-                threads=torch.get_num_threads(), size=args.size, batch=args.batch,
+                threads=torch.get_num_threads(), size=args.size, data_size=args.data_size,
+                batch=args.batch,
                 steps=args.steps, rounds=args.rounds, amp=args.amp,
                 channels_last=args.channels_last, compile=args.compile)
 
@@ -195,9 +279,14 @@ def print_table(rows, baseline):
     for r in rows:
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         act = f"{r['activation_mib']:.1f}" if "activation_mib" in r else "-"
-        ratio = f"{r[key]:.3f} ({r[key + '_min']:.2f}-{r[key + '_max']:.2f})"
+        ratio = f"{r[key]:.3f}"
+        if r[key + "_min"] != r[key + "_max"]:
+            ratio += f" ({r[key + '_min']:.2f}-{r[key + '_max']:.2f})"
         print(f"{r['arch']:4}  {r['model']:36} {r['images_per_s']:9.1f} {ratio:>24} "
               f"{act:>9} {peak:>9}")
+        if "share_of_step" in r:
+            print(f"      (strong augmentation takes {100 * r['share_of_step']:.1f} % of a "
+                  f"training step's time)")
 
 
 def main(argv=None):
@@ -212,6 +301,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds; median reported")
     parser.add_argument("--classes", type=int, default=8)
+    parser.add_argument("--data-size", type=int, default=224, help="data part: face crop side")
+    parser.add_argument("--data-images", type=int, default=256, help="data part: JPEGs written")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on for CUDA, off for CPU)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -247,7 +338,8 @@ def main(argv=None):
 
 
 # part name -> (function, the contender the ratios are relative to)
-PARTS = {"models": (bench_models, "torchvision"), "hmtl": (bench_hmtl, "sl")}
+PARTS = {"models": (bench_models, "torchvision"), "hmtl": (bench_hmtl, "sl"),
+         "data": (bench_data, "step")}
 
 
 if __name__ == "__main__":

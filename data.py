@@ -285,8 +285,11 @@ def read_ckplus(root, classes=7, neutral_first_frame=None, frames_per_sequence=3
         if neutral:
             chosen.append((frames[0], 0))
         for frame, label in chosen:
+            # CK+ frames are 640x490 with no face box: the landmark box (moved up for the
+            # forehead) when Landmarks/ is there, else the whole frame
             landmarks = read_ckplus_landmarks(base, subject, sequence, frame)
-            samples.append(Sample(frame, label, None, landmarks, subject=subject))
+            box = None if landmarks is None else landmark_box(landmarks, upward=0.1)
+            samples.append(Sample(frame, label, box, landmarks, subject=subject))
     fold_subjects = subject_folds(samples, folds)
     return FaceData("ckplus", "classify", names, {"all": samples}, {"all": reasons}, "all",
                     margin=0.2, folds=fold_subjects)

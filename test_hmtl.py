@@ -697,6 +697,8 @@ def test_ckplus_peak_frames_neutral_and_subject_independent_folds(ckplus_root):
     assert d.skipped["all"] == Counter({"emotion code 9 outside 1..7": 1})
     peak = next(s for s in samples if s.image.endswith("S005_001_00000005.png"))
     assert peak.landmarks.shape == (68, 2) and peak.landmarks[4].tolist() == [14.0, 13.0]
+    assert peak.box == pytest.approx((10, 12 - 0.1 * 16, 29, 28 - 0.1 * 16))  # landmarks, moved up
+    assert all(s.box is None for s in samples if s is not peak)             # no landmarks: frame
     eight = data.load("ckplus", str(ckplus_root), 8)
     assert len(eight.splits["all"]) == 12 and eight.classes[0] == "neutral"
     neutral = [s for s in eight.splits["all"] if s.target == 0]
@@ -1010,8 +1012,9 @@ def test_demo_is_written_once_in_affectnet_layout(tmp_path):
 # bench.py: the benchmark runs and reports what it promises (its numbers are not tested here).
 
 def test_bench_reports_every_contender():
-    rows = bench.main(["models", "hmtl", "--arch", "b0", "--size", "32", "--batch", "2",
-                       "--steps", "1", "--rounds", "1", "--json"])
+    rows = bench.main(["models", "hmtl", "data", "--arch", "b0", "--size", "32", "--batch", "2",
+                       "--steps", "1", "--rounds", "1", "--data-size", "32",
+                       "--data-images", "4", "--json"])
     models_rows = [r for r in rows if r["part"] == "models"]
     assert [r["model"] for r in models_rows] == ["hand-written", "hand-written, memory_efficient",
                                                  "torchvision"]
@@ -1021,6 +1024,9 @@ def test_bench_reports_every_contender():
     hmtl_rows = [r for r in rows if r["part"] == "hmtl"]
     assert [r["model"] for r in hmtl_rows][0] == "SL" and len(hmtl_rows) == 3
     assert hmtl_rows[0]["ratio_vs_sl"] == 1.0 and all(r["images_per_s"] > 0 for r in hmtl_rows)
+    data_rows = [r for r in rows if r["part"] == "data"]
+    assert len(data_rows) == 5 and data_rows[-1]["ratio_vs_step"] == 1.0
+    assert 0 < data_rows[3]["share_of_step"] == pytest.approx(1 / data_rows[3]["ratio_vs_step"])
 
 
 # ----------------------------------------------------------------------------------------------
