@@ -918,6 +918,11 @@ class FaceDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
+    def targets(self):
+        """Class targets of the items, in item order (for sampling and stratification)."""
+        return torch.tensor([self.samples[i].target for i in self.indices]) \
+            if self.data.task == "classify" else None
+
     def __getitem__(self, i):
         sample = self.samples[self.indices[i]]
         try:
@@ -976,7 +981,7 @@ def prepare(data, data_root, size, workers=None, classes=None, progress=print):
         errors = Counter(data.skipped.get(split, Counter()))
         dataset = FaceDataset(data, split, size)
         loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=workers,
-                                             collate_fn=list)
+                                             collate_fn=list, generator=torch.Generator())
         position = 0
         for items in loader:
             for item in items:
@@ -1026,6 +1031,9 @@ class CachedDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
+    def targets(self):
+        return self.target[torch.from_numpy(self.indices)] if self.meta["task"] == "classify" else None
+
     def __getitem__(self, i):
         return self.__getitems__([i])
 
@@ -1044,6 +1052,54 @@ class CachedDataset(torch.utils.data.Dataset):
 def identity_collate(batch):
     """For a DataLoader over CachedDataset, whose __getitems__ already returns the batch."""
     return batch
+
+
+def open_split(data, split, size, data_root, classes=None, indices=None):
+    """The prepared cache of `split` when there is one (python data.py prepare), else the
+    plain reader, which decodes every image on the fly."""
+    directory = cache_dir(data_root, data.name, size, classes)
+    if os.path.exists(os.path.join(directory, "meta.json")):
+        return CachedDataset(directory, split, indices)
+    return FaceDataset(data, split, size, indices)
+
+
+def make_loader(dataset, batch_size, workers=0, sampler=None, drop_last=False, pin_memory=False):
+    """A DataLoader for either kind of dataset, with the matching collate."""
+    cached = isinstance(dataset, CachedDataset)
+    # its own generator: creating a loader then draws nothing from the global RNG, which
+    # dropout uses, so a resumed run replays the same random numbers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+        num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
+        collate_fn=identity_collate if cached else collate,
+        generator=torch.Generator().manual_seed(0))
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The order of one epoch, a pure function of (seed, epoch): a permutation, or with
+    `weights` a draw with replacement (oversampling). In distributed training each of `world`
+    processes takes every world-th index. `skip` drops the first indices of this epoch, which
+    is how an interrupted epoch resumes exactly where it stopped."""
+
+    def __init__(self, size, seed=0, weights=None, rank=0, world=1):
+        self.size, self.seed, self.weights = size, seed, weights
+        self.rank, self.world = rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return self.size // self.world - self.skip
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+        order = order[self.rank::self.world][:self.size // self.world]
+        return iter(order[self.skip:].tolist())
 
 
 # ----------------------------------------------------------------------------------------------

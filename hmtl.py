@@ -123,7 +123,7 @@ class HMTL(nn.Module):
                  lambda_ssl=1.0, task_weight=1.0, view="shared", grid=3,
                  perceptual="backbone", perceptual_weight=1.0, regions_per_image=2,
                  mask_fill="zero", weights=None, label_smoothing=0.0, pose_alpha=0.001,
-                 memory_efficient=False, vgg_weights=None):
+                 dropout=None, stochastic_depth=None, memory_efficient=False, vgg_weights=None):
         super().__init__()
         for name, value, allowed in (("task", task, TASKS), ("ssl", ssl, SSL_TASKS),
                                      ("view", view, VIEWS), ("perceptual", perceptual, PERCEPTUAL)):
@@ -136,8 +136,10 @@ class HMTL(nn.Module):
         self.grid, self.regions_per_image, self.mask_fill = grid, regions_per_image, mask_fill
         self.perceptual, self.perceptual_weight = perceptual, perceptual_weight
         self.label_smoothing, self.pose_alpha = label_smoothing, pose_alpha
+        regularisation = {k: v for k, v in (("dropout", dropout), ("stochastic_depth", stochastic_depth))
+                          if v is not None}  # None: the variant's own (0.2/0.3 and 0.2)
         self.encoder = models.efficientnet(arch, task_outputs(task, num_classes),
-                                           memory_efficient=memory_efficient)
+                                           memory_efficient=memory_efficient, **regularisation)
         self.register_buffer("weights", None if weights is None else
                              torch.as_tensor(weights, dtype=torch.float32), persistent=False)
         width = self.encoder.num_features
@@ -214,6 +216,19 @@ class HMTL(nn.Module):
         loss = self.task_weight * task + self.lambda_ssl * ssl
         return {"loss": loss, "task": task.detach(), "ssl": ssl.detach(), **parts}, outputs
 
+def model_from_config(config, num_classes, weights=None):
+    """The HMTL model a resolved train.py config describes (one place, for train.py and eval.py)."""
+    task_weight = config["task_weight"]
+    return HMTL(config["arch"], config["task"], num_classes, config["ssl"],
+                lambda_ssl=config["lambda_ssl"], task_weight=task_weight, view=config["view"],
+                grid=config["grid"], perceptual=config["perceptual"],
+                perceptual_weight=config["perceptual_weight"],
+                regions_per_image=config["regions_per_image"], mask_fill=config["mask_fill"],
+                weights=weights, label_smoothing=config["label_smoothing"],
+                pose_alpha=config["pose_alpha"], dropout=config["dropout"],
+                stochastic_depth=config["stochastic_depth"])
+
+
 def export(model):
     """The deployable model: the encoder and its task head, no pretext head, no decoder. A plain
     models.EfficientNet in eval mode (state_dict keys are torchvision's)."""
@@ -231,7 +246,7 @@ DEFAULTS = dict(
     perceptual="backbone", perceptual_weight=1.0, regions_per_image=2, mask_fill="zero",
     image_size=224, batch_size=128, epochs=80, lr=1e-3, weight_decay=1e-2, warmup_epochs=3,
     optimizer="adamw", augment="weak", imbalance="weights", train_fraction=1.0,
-    label_smoothing=0.0, pose_alpha=0.001,
+    label_smoothing=0.0, pose_alpha=0.001, dropout=None, stochastic_depth=None,
 )
 
 
@@ -242,9 +257,21 @@ def _grid(prefix, values, **fixed):
 SSL_VARIANTS = {"sl": dict(ssl="none"), "puzzle": dict(ssl="puzzle"), "inpaint": dict(ssl="inpaint")}
 
 RECIPES = {
-    # A tiny preset that trains on the built-in demo set on a CPU in minutes.
-    **_grid("demo", SSL_VARIANTS, dataset="demo", image_size=64, batch_size=32, epochs=6,
-            warmup_epochs=1, lr=2e-3),
+    # A tiny preset that trains on the built-in demo set on a CPU in minutes. Dropout and
+    # stochastic depth off: from scratch on 2,400 images they delay the start of learning by
+    # ~200 steps (measured: val accuracy 0.26 / 0.36 / 0.64 at steps 100 / 200 / 300 without
+    # them, 0.13 / 0.22 / 0.39 with them).
+    # The demo faces already vary in pose, scale and light, so only flips are added: with the
+    # weak level, 6 epochs of SL reached 0.29 instead of 0.69. From scratch, a pretext loss at
+    # lambda 1 keeps the task from taking off within the demo's 450 steps (6 epochs: 0.16
+    # puzzle, 0.14 in-painting), so the demo uses lambda 0.3 (one of the official code's values).
+    # Validation accuracy at step 300 (probes, same seed): SL 0.64; in-painting shared 0.27;
+    # puzzle shared 0.10, separate 0.375. The task head of the shared puzzle view only ever sees
+    # shuffled faces, so the demo's puzzle recipe uses the separate view.
+    **_grid("demo", {"sl": dict(ssl="none"), "puzzle": dict(ssl="puzzle", view="separate"),
+                     "inpaint": dict(ssl="inpaint")},
+            dataset="demo", image_size=64, batch_size=32, epochs=6, warmup_epochs=0.5, lr=3e-3,
+            dropout=0.0, stochastic_depth=0.0, augment="none", lambda_ssl=0.3),
     # 1. ImageNet initialisation vs scratch, under augmentation none / weak / strong.
     **{f"affectnet8-{init}-{aug}": dict(init=init, augment=aug)
        for init in ("scratch", "imagenet") for aug in ("none", "weak", "strong")},

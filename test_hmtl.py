@@ -6,6 +6,7 @@ EfficientNet is proven against.
 
 import json
 import math
+import signal
 import sys
 import urllib.error
 from collections import Counter
@@ -21,7 +22,9 @@ from PIL import Image
 
 import bench
 import data
+import eval as evaluation
 import hmtl
+import train
 import models
 import ssl_tasks
 
@@ -1009,6 +1012,279 @@ def test_demo_is_written_once_in_affectnet_layout(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# eval.py: metrics with known answers.
+
+def test_classification_metrics_known_answer():
+    labels = [0, 0, 0, 0, 1, 1, 2, 2]
+    predictions = [0, 0, 0, 1, 1, 0, 2, 1]
+    m = evaluation.classification_metrics(predictions, labels, ["a", "b", "c"])
+    assert m["confusion"] == [[3, 1, 0], [1, 1, 0], [0, 1, 1]]
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    assert m["per_class_recall"] == pytest.approx({"a": 0.75, "b": 0.5, "c": 0.5})
+    assert m["balanced_accuracy"] == pytest.approx((0.75 + 0.5 + 0.5) / 3)
+    f1 = [2 * 0.75 * 0.75 / 1.5, 2 * (1 / 3) * 0.5 / (1 / 3 + 0.5), 2 * 1 * 0.5 / 1.5]
+    assert m["macro_f1"] == pytest.approx(sum(f1) / 3)
+
+
+def test_seven_class_score_of_an_eight_class_model():
+    logits = torch.zeros(4, 8)
+    logits[0, 1] = 5            # Happy, right
+    logits[1, 7] = 9            # Contempt sample: dropped
+    logits[2, 7], logits[2, 2] = 9, 3   # Sad sample whose top logit is Contempt: now Sad, right
+    logits[3, 0] = 5            # Anger sample predicted Neutral: wrong
+    labels = torch.tensor([1, 7, 2, 6])
+    logits7, labels7 = evaluation.without_class(logits, labels, 7)
+    assert logits7.shape == (3, 7) and labels7.tolist() == [1, 2, 6]
+    metrics = evaluation.task_metrics("classify", logits, labels, torch.zeros(4, 2),
+                                      data.AFFECTNET_CLASSES)
+    assert metrics["seven_class"]["samples"] == 3
+    assert metrics["seven_class"]["accuracy"] == pytest.approx(2 / 3)
+    assert metrics["accuracy"] == pytest.approx(2 / 4)
+
+
+def test_pose_and_va_metrics():
+    target = torch.tensor([[10.0, 0.0, -5.0], [20.0, 5.0, 5.0]])
+    m = evaluation.pose_metrics(target + torch.tensor([[1.0, -2.0, 3.0], [-1.0, 2.0, 3.0]]), target)
+    assert (m["mae_yaw"], m["mae_pitch"], m["mae_roll"], m["mae_mean"]) == pytest.approx((1, 2, 3, 2))
+    va = torch.tensor([[0.1, 0.2], [0.5, -0.3], [-2.0, -2.0], [0.9, 0.7]])
+    m = evaluation.va_metrics(va.clone(), va)
+    assert m["ccc_valence"] == pytest.approx(1, abs=1e-5) and m["rmse_arousal"] == 0
+
+
+def test_confusion_matrix_picture(tmp_path):
+    path = evaluation.confusion_png([[5, 1], [2, 7]], ["Happy", "Sad"], tmp_path / "c.png")
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size[0] > 100
+    pixels = np.asarray(image.convert("RGB"))
+    assert (pixels[..., 2] > pixels[..., 0] + 50).any()  # shaded cells are drawn
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py and eval.py end to end on a tiny demo.
+
+TINY = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--log-interval", "1",
+        "--lr", "0.002", "--warmup-epochs", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    return data.make_demo(str(tmp_path_factory.mktemp("demo")), train_per_class=4, val_per_class=2)
+
+
+def run_train(demo_root, out, *flags, on_step=None):
+    return train.main(["--dataset", "demo", "--data-root", demo_root, "--out", str(out),
+                       *TINY, *flags], on_step=on_step)
+
+
+def weights_of(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def stop_at(stop_step):
+    def on_step(step, stop):
+        if step == stop_step:
+            stop(signal.SIGINT, None)  # what Ctrl-C does
+    return on_step
+
+
+@pytest.mark.parametrize("ssl", ["none", "puzzle", "inpaint"])
+def test_resume_continues_exactly(tiny_demo, tmp_path, ssl):
+    """A 2-epoch run straight == the same run stopped after epoch 1 (4 steps) and resumed:
+    identical weights, bit for bit."""
+    run_train(tiny_demo, tmp_path / "straight", "--ssl", ssl, "--epochs", "2", "--no-eval")
+    run_train(tiny_demo, tmp_path / "split", "--ssl", ssl, "--epochs", "2", "--no-eval",
+              on_step=stop_at(4))
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["step"] == 4
+    train.main(["--resume", str(tmp_path / "split" / "last.pt"), "--workers", "0", "--no-eval"])
+    straight, resumed = weights_of(tmp_path / "straight" / "last.pt"), weights_of(tmp_path / "split" / "last.pt")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_interrupt_saves_mid_epoch_and_resumes_exactly(tiny_demo, tmp_path):
+    """SIGINT after step 3 of 4: last.pt holds the position inside the epoch, and resuming
+    gives exactly the weights of an uninterrupted run."""
+    run_train(tiny_demo, tmp_path / "straight", "--ssl", "puzzle", "--epochs", "2", "--no-eval")
+    run_train(tiny_demo, tmp_path / "cut", "--ssl", "puzzle", "--epochs", "2", "--no-eval",
+              on_step=stop_at(3))
+    cut = torch.load(tmp_path / "cut" / "last.pt", map_location="cpu", weights_only=True)
+    assert (cut["epoch"], cut["batches_done"], cut["step"]) == (0, 3, 3)
+    train.main(["--resume", str(tmp_path / "cut" / "last.pt"), "--workers", "0", "--no-eval"])
+    straight, resumed = weights_of(tmp_path / "straight" / "last.pt"), weights_of(tmp_path / "cut" / "last.pt")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_run_writes_checkpoints_config_metrics_and_evaluates(tiny_demo, tmp_path, capsys):
+    model = run_train(tiny_demo, tmp_path / "run", "--ssl", "inpaint", "--epochs", "1")
+    out = tmp_path / "run"
+    assert {"last.pt", "best.pt", "config.json", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["ssl"] == "inpaint" and config["recipe"] == "demo-inpaint" and config["image_size"] == 32
+    kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("train") == 4 and kinds.count("val") == 1 and kinds[-1] == "test"
+    printed = capsys.readouterr().out
+    assert "final evaluation of best.pt on demo / val" in printed and "Contempt" in printed
+    assert (out / "confusion-demo-val.png").exists()
+    assert isinstance(model, hmtl.HMTL) and model.ssl == "inpaint"
+    # checkpoints load with weights_only (no pickled code)
+    state = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert state["classes"] == data.AFFECTNET_CLASSES and state["num_classes"] == 8
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_paths_run_on_the_cpu(tiny_demo, tmp_path, amp, capsys):
+    """The CUDA AMP code paths (bf16 autocast; fp16 with a gradient scaler) on the CPU."""
+    model = run_train(tiny_demo, tmp_path / amp, "--ssl", "inpaint", "--amp", amp,
+                      "--epochs", "1", "--no-eval")
+    assert f"AMP {'bfloat16' if amp == 'bf16' else 'float16'} on cpu" in capsys.readouterr().out
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = torch.load(tmp_path / amp / "last.pt", weights_only=True)
+    assert (state["scaler"] is not None) == (amp == "fp16") and state["step"] == 4
+
+
+def test_wrong_checkpoints_fail_in_one_line(tiny_demo, tmp_path):
+    run_train(tiny_demo, tmp_path / "b0", "--epochs", "1", "--no-eval", "--max-steps", "1")
+    last = str(tmp_path / "b0" / "last.pt")
+    with pytest.raises(SystemExit, match="trained with arch=b0 \\(asked b2\\)"):
+        train.main(["--resume", last, "--arch", "b2"])
+    with pytest.raises(SystemExit, match="trained with ssl=none \\(asked puzzle\\)"):
+        train.main(["--resume", last, "--ssl", "puzzle"])
+    junk = tmp_path / "junk.pt"
+    torch.save({"weights": torch.zeros(3)}, junk)
+    with pytest.raises(SystemExit, match="is not a train.py checkpoint"):
+        train.main(["--resume", str(junk)])
+    with pytest.raises(SystemExit, match="is not an HMTL checkpoint"):
+        evaluation.main(["--checkpoint", str(junk)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        train.main(["--resume", str(tmp_path / "none.pt")])
+    with pytest.raises(SystemExit, match="is not an EfficientNet-B2 HMTL checkpoint"):
+        run_train(tiny_demo, tmp_path / "b2", "--arch", "b2", "--init", last, "--max-steps", "1")
+
+
+def test_non_finite_losses_are_skipped_without_touching_the_weights(tiny_demo, tmp_path, monkeypatch, capsys):
+    real = hmtl.HMTL.losses
+
+    def poisoned(self, *args, **kwargs):
+        parts, outputs = real(self, *args, **kwargs)
+        if poisoned.calls in (1, 2):
+            parts["loss"] = parts["loss"] * float("nan")
+        poisoned.calls += 1
+        return parts, outputs
+    poisoned.calls = 0
+    monkeypatch.setattr(hmtl.HMTL, "losses", poisoned)
+    model = run_train(tiny_demo, tmp_path / "nan", "--epochs", "1", "--no-eval")
+    printed = capsys.readouterr().out
+    assert "non-finite loss at epoch 1 step 2: step skipped (1 so far)" in printed
+    assert "non-finite loss at epoch 1 step 3: step skipped (2 so far)" in printed
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.load(tmp_path / "nan" / "last.pt", weights_only=True)["nonfinite"] == 2
+
+
+def test_pretrain_then_finetune_from_the_checkpoint(tiny_demo, tmp_path):
+    run_train(tiny_demo, tmp_path / "pre", "--ssl", "inpaint", "--pretrain", "--epochs", "1")
+    pre = weights_of(tmp_path / "pre" / "last.pt")
+    model = run_train(tiny_demo, tmp_path / "fine", "--ssl", "none", "--init",
+                      str(tmp_path / "pre" / "last.pt"), "--max-steps", "1", "--lr", "0", "--no-eval")
+    for key, value in model.encoder.state_dict().items():
+        if not key.startswith("classifier") and "num_batches" not in key and "running" not in key:
+            assert torch.equal(value, pre[f"encoder.{key}"]), key
+
+
+def test_train_fraction_and_oversampling(tiny_demo, tmp_path, capsys):
+    run_train(tiny_demo, tmp_path / "low", "--train-fraction", "0.5", "--imbalance", "oversample",
+              "--max-steps", "1", "--no-eval")
+    assert "demo: 16 training samples (Neutral 2, Happy 2," in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ssl", ["none", "puzzle", "inpaint"])
+def test_training_on_the_demo_really_learns(ssl, tmp_path):
+    """The full demo set (8 expressions, chance 0.125) with its own recipe: after 300 steps
+    the held-out accuracy is well above chance, for SL and both HMTL variants."""
+    train.main(["--dataset", "demo", "--ssl", ssl, "--out", str(tmp_path), "--max-steps", "300",
+                "--workers", "0", "--log-interval", "50"])
+    entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    test = next(e for e in entries if e["kind"] == "test")
+    assert test["samples"] == 400 and test["accuracy"] >= 0.2, test
+
+
+def ddp_worker(rank, world, port, demo_root, out):
+    import os as _os
+    _os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    model = train.main(["--dataset", "demo", "--data-root", demo_root, "--out", out, *TINY,
+                        "--ssl", "puzzle", "--epochs", "1", "--no-eval", "--device", "cpu"])
+    torch.save(model.state_dict(), _os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_distributed_data_parallel_on_cpu_with_gloo(tiny_demo, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(ddp_worker, args=(2, port, tiny_demo, str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in rank0:  # gradients were averaged: every parameter agrees across processes
+        if "running" not in key and "num_batches" not in key:
+            assert torch.equal(rank0[key], rank1[key]), key
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["step"] == 2  # 32 samples / 2 processes / batch 8
+
+
+def test_eval_cli_predict_and_export(tiny_demo, tmp_path, capsys):
+    run_train(tiny_demo, tmp_path / "run", "--ssl", "puzzle", "--max-steps", "2", "--no-eval")
+    best = str(tmp_path / "run" / "best.pt")
+    result = evaluation.main(["--checkpoint", best, "--dataset", "demo", "--data-root", tiny_demo,
+                              "--json", "--workers", "0", "--out", str(tmp_path)])
+    metrics = result["metrics"]
+    assert metrics["samples"] == 16 and "seven_class" in metrics
+    assert Path(metrics["confusion_png"]).exists()
+    faces = tmp_path / "faces"
+    write_image(faces / "grey.png", (50, 40), 128)
+    Image.new("L", (30, 30), 90).save(faces / "mode_l.jpg")
+    Image.new("RGBA", (30, 30), (9, 9, 9, 9)).save(faces / "rgba.png")
+    (faces / "broken.jpg").write_bytes(b"no")
+    capsys.readouterr()
+    result = evaluation.main(["--checkpoint", best, "--predict", str(faces), "--json"])
+    predictions = result["predictions"]
+    assert [Path(p["image"]).name for p in predictions] == ["broken.jpg", "grey.png", "mode_l.jpg", "rgba.png"]
+    assert predictions[0]["label"].startswith("unreadable")
+    for p in predictions[1:]:
+        assert p["label"] in data.AFFECTNET_CLASSES
+        assert sum(p["scores"].values()) == pytest.approx(1, abs=1e-5)
+    script = evaluation.main(["--checkpoint", best, "--export-torchscript", str(tmp_path / "m.pt")])
+    loaded = torch.jit.load(script["torchscript"])
+    model, _ = evaluation.load_checkpoint(best)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images))
+    assert not any("puzzle" in name for name, _ in loaded.named_parameters())
+
+
+def test_onnx_export_without_onnx_says_what_to_install(tiny_demo, tmp_path, monkeypatch):
+    run_train(tiny_demo, tmp_path / "run", "--max-steps", "1", "--no-eval")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(SystemExit, match="pip install onnx onnxscript"):
+        evaluation.main(["--checkpoint", str(tmp_path / "run" / "best.pt"),
+                         "--export-onnx", str(tmp_path / "m.onnx")])
+
+
+def test_ckplus_nonlinear_evaluation(ckplus_root, tiny_demo, tmp_path):
+    run_train(tiny_demo, tmp_path / "run", "--max-steps", "1", "--no-eval")
+    best = str(tmp_path / "run" / "best.pt")
+    result = evaluation.main(["--checkpoint", best, "--dataset", "ckplus", "--data-root",
+                              str(ckplus_root), "--json"])
+    metrics = result["metrics"]
+    assert metrics["folds"] == 3 and metrics["samples"] == 9  # 3 subjects: 3 non-empty folds
+    assert len(metrics["fold_accuracy"]) == 3
+    assert metrics["accuracy_mean"] == pytest.approx(np.mean(metrics["fold_accuracy"]))
+    again = evaluation.main(["--checkpoint", best, "--dataset", "ckplus", "--data-root",
+                             str(ckplus_root), "--json"])
+    assert again["metrics"]["fold_accuracy"] == metrics["fold_accuracy"]  # deterministic
+
+
+# ----------------------------------------------------------------------------------------------
 # bench.py: the benchmark runs and reports what it promises (its numbers are not tested here).
 
 def test_bench_reports_every_contender():
@@ -1037,3 +1313,4 @@ def test_ci_runs_exactly_the_readme_test_command():
     commands = [line for line in readme[:6] if line.startswith("pip install -q -r requirements.txt")]
     assert len(commands) == 2, "the README starts with the two set-up commands"
     assert commands[1] in (HERE / ".ci" / "run").read_text().splitlines()
+    assert commands[0].endswith("python train.py --dataset demo --ssl inpaint")

@@ -1,0 +1,424 @@
+"""Evaluation for every dataset of the HMTL experiments, prediction, and export.
+
+    python eval.py --dataset affectnet --data-root ~/data/AffectNet --checkpoint runs/x/best.pt
+    python eval.py --dataset ckplus --data-root ~/data/CK+ --checkpoint runs/x/best.pt   # nonlinear eval
+    python eval.py --checkpoint runs/x/best.pt --predict face.jpg            # or a folder
+    python eval.py --checkpoint runs/x/best.pt --export-torchscript model.pt --export-onnx model.onnx
+
+Protocols:
+  expression, gender  accuracy, balanced accuracy (= accuracy on AffectNet's balanced
+                      validation set), macro-F1, per-class recall, the confusion matrix
+                      (printed with class names and drawn as a PNG); for an AffectNet-8 model
+                      also the 7-class score, dropping Contempt samples and the Contempt logit
+  valence/arousal     CCC and RMSE per dimension (sentinels outside [-1, 1] excluded)
+  head pose           MAE of yaw, pitch, roll and their mean, in degrees
+  CK+                 the paper's "nonlinear evaluation": the encoder frozen, a small MLP trained
+                      on its pooled features per fold, subject-independent 10-fold
+                      cross-validation, mean +- std accuracy
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import data
+import hmtl
+
+# ----------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def classification_metrics(predictions, labels, classes):
+    """Accuracy, balanced accuracy (mean recall over the classes present), macro-F1 (over the
+    classes present), per-class recall and the confusion matrix (rows: true class)."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    n = len(classes)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    true_counts, predicted_counts = confusion.sum(1), confusion.sum(0)
+    hits = np.diag(confusion)
+    present = true_counts > 0
+    recall = np.divide(hits, true_counts, out=np.zeros(n), where=present)
+    precision = np.divide(hits, predicted_counts, out=np.zeros(n), where=predicted_counts > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n),
+                   where=(precision + recall) > 0)
+    return {"samples": int(len(labels)), "accuracy": float(hits.sum() / max(1, len(labels))),
+            "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+            "per_class_recall": {c: float(r) for c, r, p in zip(classes, recall, present) if p},
+            "classes": list(classes), "confusion": confusion.tolist()}
+
+
+def without_class(logits, labels, index):
+    """Drop one class: its samples and its logit (AffectNet's 7-class score of an 8-class
+    model drops Contempt). Labels above the index shift down by one."""
+    keep = labels != index
+    columns = [c for c in range(logits.shape[1]) if c != index]
+    labels = labels[keep]
+    return logits[keep][:, columns], labels - (labels > index).long()
+
+
+def va_metrics(prediction, target):
+    """CCC and RMSE for valence and arousal over the samples whose target is in [-1, 1]."""
+    out = {}
+    for dim, name in enumerate(("valence", "arousal")):
+        valid = target[:, dim].abs() <= 1
+        if valid.sum() >= 2:
+            p, t = prediction[valid, dim].float(), target[valid, dim].float()
+            out[f"ccc_{name}"] = float(hmtl.ccc(p, t))
+            out[f"rmse_{name}"] = float((p - t).square().mean().sqrt())
+    if "ccc_valence" in out and "ccc_arousal" in out:
+        out["ccc_mean"] = (out["ccc_valence"] + out["ccc_arousal"]) / 2
+    return out
+
+
+def pose_metrics(predicted, target):
+    """Mean absolute error in degrees of yaw, pitch, roll (columns in that order), and their
+    mean."""
+    error = (predicted.float() - target.float()).abs().mean(0).tolist()
+    return {"mae_yaw": error[0], "mae_pitch": error[1], "mae_roll": error[2],
+            "mae_mean": sum(error) / 3, "samples": int(len(target))}
+
+
+def selection_metric(task, metrics):
+    """The one number that picks best.pt (higher is better)."""
+    if task == "classify":
+        return metrics["accuracy"]
+    if task == "va":
+        return metrics.get("ccc_mean", -1.0)
+    return -metrics["mae_mean"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a model over a split.
+
+
+@torch.no_grad()
+def predict_split(model, loader, device, channels_last=True):
+    """Task outputs over a loader on clean (unaugmented) images, with the targets. Returns
+    (outputs, targets, va targets, skipped)."""
+    model.eval()
+    outputs, targets, vas, skipped = [], [], [], []
+    for batch in loader:
+        skipped += batch["skipped"]
+        if "image" not in batch:
+            continue
+        images = data.normalize(batch["image"].to(device, non_blocking=True))
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        outputs.append(model(images).float().cpu())
+        targets.append(batch["target"])
+        vas.append(batch["va"])
+    if not outputs:
+        raise RuntimeError("no sample of this split could be read")
+    return torch.cat(outputs), torch.cat(targets), torch.cat(vas), skipped
+
+
+def task_metrics(task, outputs, targets, vas, classes):
+    """Every metric the task's protocol reports, from raw task outputs."""
+    if task == "pose":
+        return pose_metrics(hmtl.pose_expectation(outputs.view(-1, 3, hmtl.POSE_BINS)), targets)
+    if task == "va":
+        return va_metrics(outputs, vas)
+    metrics = classification_metrics(outputs.argmax(1).numpy(), targets.numpy(), classes)
+    if len(classes) == 8 and classes[7] == "Contempt":  # AffectNet-8 -> the 7-class score
+        logits7, labels7 = without_class(outputs, targets, 7)
+        seven = classification_metrics(logits7.argmax(1).numpy(), labels7.numpy(), classes[:7])
+        metrics["seven_class"] = {k: seven[k] for k in
+                                  ("samples", "accuracy", "balanced_accuracy", "macro_f1")}
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports.
+
+
+def print_metrics(metrics, title):
+    print(title)
+    for key in ("samples", "accuracy", "balanced_accuracy", "macro_f1", "ccc_valence",
+                "ccc_arousal", "rmse_valence", "rmse_arousal", "mae_yaw", "mae_pitch",
+                "mae_roll", "mae_mean"):
+        if key in metrics:
+            value = metrics[key]
+            print(f"  {key:18} {value if isinstance(value, int) else f'{value:.4f}'}")
+    if "seven_class" in metrics:
+        seven = metrics["seven_class"]
+        print(f"  7-class (Contempt dropped): accuracy {seven['accuracy']:.4f}, "
+              f"macro_f1 {seven['macro_f1']:.4f} over {seven['samples']} samples")
+    if "confusion" in metrics:
+        classes = metrics["classes"]
+        width = max(8, max(len(c) for c in classes) + 1)
+        print("  recall per class: " + ", ".join(
+            f"{c} {r:.3f}" for c, r in metrics["per_class_recall"].items()))
+        print("  confusion (rows: true, columns: predicted)")
+        print(" " * (width + 2) + "".join(f"{c[:7]:>8}" for c in classes))
+        for name, row in zip(classes, metrics["confusion"]):
+            print(f"  {name:{width}}" + "".join(f"{v:8d}" for v in row))
+
+
+def confusion_png(confusion, classes, path, cell=56):
+    """The confusion matrix as a picture: cells shaded by the row-normalised rate (recall on the
+    diagonal), counts written in, class names on both axes."""
+    confusion = np.asarray(confusion)
+    n = len(classes)
+    margin = 8 + 7 * max(len(c) for c in classes)
+    image = Image.new("RGB", (margin + n * cell + 10, margin + n * cell + 10), "white")
+    draw = ImageDraw.Draw(image)
+    rates = confusion / np.maximum(1, confusion.sum(1, keepdims=True))
+    for i in range(n):
+        draw.text((4, margin + i * cell + cell // 2 - 5), classes[i], fill="black")
+        draw.text((margin + i * cell + 4, margin - 14 - 12 * (i % 2)), classes[i][:8], fill="black")
+        for j in range(n):
+            shade = int(255 * (1 - rates[i, j]))
+            x, y = margin + j * cell, margin + i * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(shade, shade, 255),
+                           outline=(200, 200, 200))
+            draw.text((x + 6, y + cell // 2 - 5), str(confusion[i, j]),
+                      fill="white" if rates[i, j] > 0.5 else "black")
+    image.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def load_checkpoint(path, device="cpu"):
+    """(HMTL model with the checkpoint's weights, its config). One line when the file is not an
+    HMTL checkpoint."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        config, num_classes = checkpoint["config"], checkpoint["num_classes"]
+        model = hmtl.model_from_config(config, num_classes)
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError, TypeError, ValueError, EOFError) as err:
+        raise SystemExit(f"error: {path} is not an HMTL checkpoint of train.py "
+                         f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]})") from None
+    model.classes = checkpoint.get("classes")
+    return model.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------------------------
+# CK+ nonlinear evaluation (the paper's protocol for CK+): the encoder trained elsewhere
+# (AffectNet) is frozen; a small MLP is trained on its pooled features, per fold.
+
+
+@torch.no_grad()
+def pooled_features(encoder, faces, size, device, batch_size=64):
+    """Frozen-encoder embeddings of every readable image of CK+'s "all" split, with their
+    labels and subjects. Returns (features, labels, subjects, unreadable count)."""
+    encoder.eval()
+    samples = faces.splits["all"]
+    dataset = data.FaceDataset(faces, "all", size)
+    features, labels, subjects, unreadable = [], [], [], 0
+    for start in range(0, len(dataset), batch_size):
+        chunk = [(dataset[i], samples[i].subject) for i in range(start, min(len(dataset), start + batch_size))]
+        good = [(item, subject) for item, subject in chunk if "error" not in item]
+        unreadable += len(chunk) - len(good)
+        if good:
+            batch = data.collate([item for item, _ in good])
+            images = data.normalize(batch["image"].to(device))
+            features.append(encoder.pool(encoder.forward_features(images)).float().cpu())
+            labels.append(batch["target"])
+            subjects += [subject for _, subject in good]
+    return torch.cat(features), torch.cat(labels), np.array(subjects), unreadable
+
+
+def fit_mlp(features, labels, classes, epochs=200, hidden=256, seed=0):
+    """A 2-layer MLP (ReLU, dropout 0.5) trained full-batch with Adam on frozen features."""
+    torch.manual_seed(seed)
+    mlp = torch.nn.Sequential(torch.nn.Linear(features.shape[1], hidden), torch.nn.ReLU(),
+                              torch.nn.Dropout(0.5), torch.nn.Linear(hidden, classes))
+    optimizer = torch.optim.Adam(mlp.parameters(), lr=1e-3, weight_decay=1e-4)
+    for _ in range(epochs):
+        loss = F.cross_entropy(mlp(features), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return mlp.eval()
+
+
+def ckplus_nonlinear(model, faces, size, device, batch_size=64, epochs=200):
+    """Per fold: standardise the features with the training folds' statistics, fit the MLP on
+    the training folds, test on the held-out subjects. Mean and std over folds."""
+    features, labels, subjects, unreadable = pooled_features(model.encoder, faces, size, device,
+                                                             batch_size)
+    accuracies = []
+    for fold, fold_subjects in enumerate(faces.folds):
+        test = torch.from_numpy(np.isin(subjects, fold_subjects))
+        if test.sum() == 0 or (~test).sum() == 0:
+            continue  # fewer subjects than folds
+        mean, std = features[~test].mean(0), features[~test].std(0) + 1e-6
+        mlp = fit_mlp((features[~test] - mean) / std, labels[~test], len(faces.classes),
+                      epochs, seed=fold)
+        with torch.no_grad():
+            predicted = mlp((features[test] - mean) / std).argmax(1)
+        accuracies.append(float((predicted == labels[test]).float().mean()))
+    return {"protocol": "nonlinear, subject-independent folds", "folds": len(accuracies),
+            "fold_accuracy": accuracies, "accuracy_mean": float(np.mean(accuracies)),
+            "accuracy_std": float(np.std(accuracies)), "samples": int(len(labels)),
+            "skipped_unreadable": unreadable}
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction on images, and export.
+
+
+def image_paths(path):
+    if os.path.isdir(path):
+        return [os.path.join(path, f) for f in sorted(os.listdir(path))
+                if f.lower().endswith(data.IMAGE_EXTENSIONS)]
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} does not exist")
+    return [path]
+
+
+@torch.no_grad()
+def predict(model, paths, size, classes=None, device="cpu"):
+    """Label and class probabilities for each image file, which should be a face crop (no
+    detector here). Any mode (grey, RGBA, palette) is converted to RGB; the crop is squared and
+    resized as in training. Returns [(path, label, {class: probability})]; for head pose the
+    label is "yaw pitch roll" in degrees and the dict holds the three angles."""
+    model.eval()
+    results = []
+    for path in paths:
+        try:
+            pixels, _ = data.load_face(data.Sample(path, 0), size, 0.0)
+        except (OSError, ValueError, SyntaxError) as err:
+            results.append((path, f"unreadable ({err.__class__.__name__})", {}))
+            continue
+        output = model(data.normalize(pixels[None].to(device))).float()[0].cpu()
+        if model.task == "pose":
+            angles = hmtl.pose_expectation(output.view(1, 3, hmtl.POSE_BINS))[0].tolist()
+            results.append((path, " ".join(f"{a:.1f}" for a in angles),
+                            dict(zip(("yaw", "pitch", "roll"), angles))))
+        elif model.task == "va":
+            results.append((path, f"valence {output[0]:.3f} arousal {output[1]:.3f}",
+                            {"valence": float(output[0]), "arousal": float(output[1])}))
+        else:
+            probabilities = output.softmax(0).tolist()
+            names = classes or [str(c) for c in range(len(probabilities))]
+            results.append((path, names[int(np.argmax(probabilities))],
+                            dict(zip(names, probabilities))))
+    return results
+
+
+def export_torchscript(model, path, size):
+    """The deployable model (no pretext heads) traced to TorchScript: torch.jit.load(path)."""
+    deployed = hmtl.export(model).cpu()
+    example = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        traced = torch.jit.trace(deployed, example)
+    traced.save(path)
+    return path
+
+
+def export_onnx(model, path, size):
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it)
+    except ImportError:
+        raise SystemExit("error: ONNX export needs the onnx package: pip install onnx onnxscript") from None
+    deployed = hmtl.export(model).cpu()
+    torch.onnx.export(deployed, (torch.zeros(1, 3, size, size),), path, input_names=["images"],
+                      output_names=["outputs"], dynamic_axes={"images": {0: "batch"}})
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate(model, config, faces, split, data_root, device, batch_size=128, workers=0,
+             out_dir=None):
+    """Run the dataset's protocol for `split`; returns the metrics (and writes the confusion
+    PNG into `out_dir` for classification)."""
+    size = config["image_size"]
+    if faces.name == "ckplus":
+        return ckplus_nonlinear(model, faces, size, device, batch_size)
+    dataset = data.open_split(faces, split, size, data_root, config.get("classes"))
+    loader = data.make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
+    outputs, targets, vas, skipped = predict_split(model, loader, device)
+    if model.task == "classify" and outputs.shape[1] != len(faces.classes):
+        raise SystemExit(f"error: the checkpoint predicts {outputs.shape[1]} classes, "
+                         f"{faces.name} has {len(faces.classes)}")
+    metrics = task_metrics(model.task, outputs, targets, vas, faces.classes)
+    metrics["skipped_unreadable"] = len(skipped)
+    if out_dir and "confusion" in metrics:
+        os.makedirs(out_dir, exist_ok=True)
+        metrics["confusion_png"] = confusion_png(metrics["confusion"], faces.classes,
+                                                 os.path.join(out_dir, f"confusion-{faces.name}-{split}.png"))
+    return metrics
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint (best.pt)")
+    parser.add_argument("--dataset", choices=list(data.READERS))
+    parser.add_argument("--data-root")
+    parser.add_argument("--classes", type=int, help="protocol: AffectNet 8|7, CK+ 7|8")
+    parser.add_argument("--split", help="default: the split the paper reports on")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="folder for the confusion-matrix PNG (default: beside the checkpoint)")
+    parser.add_argument("--predict", metavar="IMAGE_OR_FOLDER", help="label face crops instead")
+    parser.add_argument("--export-torchscript", metavar="PATH")
+    parser.add_argument("--export-onnx", metavar="PATH")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    model, config = load_checkpoint(args.checkpoint, device)
+    result = {}
+    if args.export_torchscript:
+        result["torchscript"] = export_torchscript(model, args.export_torchscript, config["image_size"])
+    if args.export_onnx:
+        result["onnx"] = export_onnx(model, args.export_onnx, config["image_size"])
+    if args.predict:
+        predictions = predict(model, image_paths(args.predict), config["image_size"],
+                              model.classes, device)
+        result["predictions"] = [{"image": p, "label": label, "scores": scores}
+                                 for p, label, scores in predictions]
+        if not args.json:
+            for p, label, scores in predictions:
+                top = ", ".join(f"{k} {v:.3f}" for k, v in
+                                sorted(scores.items(), key=lambda kv: -kv[1])[:3])
+                print(f"{p}: {label}" + (f"  ({top})" if model.task == "classify" else ""))
+    if args.dataset:
+        try:
+            faces = data.load(args.dataset, args.data_root,
+                              args.classes or (config.get("classes") if args.dataset == config["dataset"] else None))
+        except data.DatasetError as err:
+            raise SystemExit(f"error: {err}") from None
+        split = args.split or faces.eval_split
+        out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+        metrics = evaluate(model, config, faces, split, args.data_root, device,
+                           args.batch_size, args.workers, out_dir)
+        result["metrics"] = metrics
+        if not args.json:
+            if faces.name == "ckplus":
+                print(f"ckplus ({metrics['protocol']}, {metrics['folds']} folds): accuracy "
+                      f"{100 * metrics['accuracy_mean']:.2f} +- {100 * metrics['accuracy_std']:.2f} %")
+            else:
+                print_metrics(metrics, f"{faces.name} / {split}")
+                if "confusion_png" in metrics:
+                    print(f"  confusion matrix picture: {metrics['confusion_png']}")
+    if args.json:
+        print(json.dumps(result, indent=1))
+    elif args.export_torchscript or args.export_onnx:
+        for kind in ("torchscript", "onnx"):
+            if kind in result:
+                print(f"exported {kind}: {result[kind]}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

@@ -1,0 +1,498 @@
+"""Train HMTL: a facial task jointly with a self-supervised pretext task on one encoder.
+
+    python train.py --dataset demo --ssl inpaint                     # the demo, on a CPU, minutes
+    python train.py --dataset affectnet --data-root ~/data/AffectNet --ssl inpaint
+    python train.py --recipe affectnet8-puzzle-b2 --data-root ~/data/AffectNet
+    torchrun --nproc_per_node 8 train.py --recipe affectnet8-inpaint-b0 --data-root ...
+    python train.py --resume runs/affectnet8-inpaint-b0/last.pt        # continue exactly
+
+Settings come from hmtl.DEFAULTS, then the recipe (--recipe, or demo-<ssl> for the demo), then
+the flags given on the command line; the resolved configuration is saved as config.json beside
+the checkpoints. Every epoch writes last.pt (and best.pt by the validation metric) atomically;
+Ctrl-C or SIGTERM saves where it stands and exits, and --resume continues bit for bit.
+After training, the best model is evaluated on the split the paper reports (eval.py).
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+
+import data
+import eval as evaluation
+import hmtl
+import models
+
+# ----------------------------------------------------------------------------------------------
+# Configuration.
+
+MODEL_KEYS = ("dataset", "classes", "task", "arch", "ssl", "view", "grid", "perceptual",
+              "image_size")  # a checkpoint must agree on these to be resumed
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    g = p.add_argument_group("what to train (default: hmtl.DEFAULTS, or the recipe's values)")
+    g.add_argument("--recipe", help=f"a named experiment: {', '.join(sorted(hmtl.RECIPES))}")
+    g.add_argument("--dataset", choices=list(data.READERS))
+    g.add_argument("--data-root", help="the dataset folder as downloaded (not needed for demo)")
+    g.add_argument("--classes", type=int, help="protocol: AffectNet 8 or 7")
+    g.add_argument("--task", choices=hmtl.TASKS, help="classify, va (valence/arousal) or pose")
+    g.add_argument("--ssl", choices=hmtl.SSL_TASKS, help="the pretext task")
+    g.add_argument("--arch", choices=sorted(models.VARIANTS))
+    g.add_argument("--init", help="scratch, imagenet, or a checkpoint path (e.g. SSL-pretrained)")
+    g.add_argument("--pretrain", action="store_true",
+                   help="pretext-only pre-training (no labels): task weight 0")
+    g = p.add_argument_group("method")
+    g.add_argument("--lambda-ssl", type=float, help="weight of the pretext loss")
+    g.add_argument("--task-weight", type=float, help="weight of the task loss (0: pretext only)")
+    g.add_argument("--view", choices=hmtl.VIEWS, help="shared pass (official) or separate views")
+    g.add_argument("--grid", type=int, choices=[2, 3], help="puzzle grid")
+    g.add_argument("--perceptual", choices=hmtl.PERCEPTUAL, help="in-painting perceptual network")
+    g.add_argument("--perceptual-weight", type=float)
+    g.add_argument("--regions-per-image", type=int, help="facial regions masked per image")
+    g.add_argument("--mask-fill", choices=["zero", "mean"])
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--pose-alpha", type=float, help="weight of the angle MSE in the pose loss")
+    g.add_argument("--dropout", type=float, help="before the classifier (default B0 0.2, B2 0.3)")
+    g.add_argument("--stochastic-depth", type=float, help="last block's drop rate (default 0.2)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--batch-size", type=int, help="per process")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up, then cosine decay to 0")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"])
+    g.add_argument("--augment", choices=list(data.AUGMENT_LEVELS))
+    g.add_argument("--imbalance", choices=["weights", "oversample", "none"],
+                   help="class-weighted loss (n_max/n_c), oversampling (1/n_c), or nothing")
+    g.add_argument("--train-fraction", type=float, help="stratified fraction of the training set")
+    g = p.add_argument_group("running")
+    add("--seed", type=int, default=0)
+    add("--out", help="output folder (default: runs/<recipe>)")
+    add("--resume", metavar="CKPT", help="continue a run from its last.pt")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes")
+    add("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+        help="autocast: auto = bf16 on CUDA where supported, else fp16; off on the CPU")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    add("--compile", action="store_true", help="torch.compile the encoder")
+    add("--prepare", action="store_true", help="build the prepared cache first if missing")
+    add("--log-interval", type=int, default=20, help="steps between progress lines")
+    add("--max-steps", type=int, help="stop after this many steps in all (smoke tests)")
+    add("--no-eval", action="store_true", help="skip the final evaluation")
+    return p.parse_args(argv)
+
+
+def resolve_config(args):
+    """DEFAULTS <- recipe <- explicit flags. The demo picks its tiny recipe by itself."""
+    name = args.recipe
+    if name is None and args.dataset == "demo":
+        name = f"demo-{'sl' if args.ssl in (None, 'none') else args.ssl}"
+    config = hmtl.recipe(name) if name else dict(hmtl.DEFAULTS)
+    for key in hmtl.DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            config[key] = value
+    if args.pretrain:
+        config["task_weight"] = 0.0
+    if config["dataset"] in ("300w_lp", "aflw2000", "biwi"):
+        config["task"], config["classes"] = "pose", None
+    config["recipe"] = name
+    return config
+
+
+def check_resumable(checkpoint_config, config, args, path):
+    """Resume with the checkpoint's own settings; refuse, in one line, a model-defining flag
+    that contradicts them (another architecture, task, dataset...)."""
+    given = {k for k in MODEL_KEYS if getattr(args, k, None) is not None}
+    clashes = [f"{k}={checkpoint_config[k]} (asked {config[k]})" for k in sorted(given)
+               if checkpoint_config.get(k) != config[k]]
+    if clashes:
+        raise SystemExit(f"error: {path} was trained with {', '.join(clashes)}")
+    resumed = dict(checkpoint_config)
+    if args.epochs is not None:
+        resumed["epochs"] = args.epochs  # extending a run is allowed
+    return resumed
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the loop.
+
+
+def autocast_dtype(amp, device):
+    if device.type != "cuda" or amp == "off":
+        return None if amp in ("auto", "off") else {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def make_optimizer(model, config, device):
+    """AdamW (or SGD with Nesterov momentum); no weight decay on biases and BN parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": config["weight_decay"]},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if config["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=config["lr"], momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=config["lr"], fused=device.type == "cuda")
+
+
+def warmup_cosine(warmup_steps, total_steps):
+    """Learning-rate factor: linear warm-up from 0, then cosine decay to 0."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def init_weights(model, config):
+    """scratch (the reference init), ImageNet (torchvision's weights), or the encoder of an HMTL
+    checkpoint, e.g. pretext-only pre-training, whose task head is left fresh if it differs."""
+    init = config["init"]
+    if init == "scratch":
+        return
+    if init == "imagenet":
+        models.load_imagenet_weights(model.encoder, config["arch"])
+        return
+    if not os.path.exists(init):
+        raise SystemExit(f"error: --init {init}: not scratch, imagenet or an existing checkpoint")
+    state = torch.load(init, map_location="cpu", weights_only=True)
+    encoder = {k[len("encoder."):]: v for k, v in state.get("model", {}).items()
+               if k.startswith("encoder.")}
+    own = model.encoder.state_dict()
+    head = {k for k in encoder if k.startswith("classifier.") and encoder[k].shape != own[k].shape}
+    missing = [k for k in own if k not in encoder]
+    wrong = [k for k in encoder if k not in own or (encoder[k].shape != own[k].shape and k not in head)]
+    if missing or wrong:
+        raise SystemExit(f"error: --init {init} is not an EfficientNet-{config['arch'].upper()} "
+                         f"HMTL checkpoint ({len(missing)} keys missing, {len(wrong)} mismatched)")
+    model.encoder.load_state_dict({k: v for k, v in encoder.items() if k not in head}, strict=False)
+
+
+class JointLoss(torch.nn.Module):
+    """The HMTL joint loss as a module's forward, so that DistributedDataParallel (which hooks
+    forward) synchronises its gradients."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model.losses(*args, **kwargs)
+
+
+def save_atomically(state, path):
+    """Write to a temporary file, then rename: a crash mid-write never corrupts a checkpoint."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+class StopFlag:
+    """Set by SIGINT / SIGTERM; the loop saves and exits at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: leave now
+            raise KeyboardInterrupt
+        print(f"\nsignal {signum}: saving and stopping after this step (again to abort)",
+              flush=True)
+        self.requested = True
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+
+
+def main(argv=None, on_step=None):
+    """Train; returns the trained HMTL model (unwrapped). `on_step(step, stop_flag)` is called
+    after every step (tests use it to interrupt)."""
+    args = parse_args(argv)
+    config = resolve_config(args)
+    checkpoint = None
+    if args.resume:
+        if not os.path.exists(args.resume):
+            raise SystemExit(f"error: --resume {args.resume} does not exist")
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
+        if "config" not in checkpoint or "batches_done" not in checkpoint:
+            raise SystemExit(f"error: {args.resume} is not a train.py checkpoint")
+        config = check_resumable(checkpoint["config"], config, args, args.resume)
+    data_root = args.data_root if args.data_root is not None else config.get("data_root")
+    config["data_root"] = data_root
+
+    # distributed: torchrun sets WORLD_SIZE, RANK, LOCAL_RANK
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device(args.device)
+    if world > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    main_process = rank == 0
+
+    def log(line):
+        if main_process:
+            print(line, flush=True)
+
+    def barrier():
+        if world > 1:
+            torch.distributed.barrier()
+
+    out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
+                       os.path.join("runs", config["recipe"] or
+                                    f"{config['dataset']}-{config['ssl']}-{config['arch']}"))
+
+    # data
+    try:
+        faces = data.load(config["dataset"], data_root, config["classes"])
+    except data.DatasetError as err:
+        raise SystemExit(f"error: {err}") from None
+    if "train" not in faces.splits:
+        raise SystemExit(f"error: {faces.name} has no training split"
+                         + (" (CK+ is evaluated: python eval.py --dataset ckplus --checkpoint ...)"
+                            if faces.name == "ckplus" else ""))
+    if config["task"] == "va" and faces.name not in ("affectnet", "demo"):
+        raise SystemExit(f"error: --task va needs valence/arousal labels; {faces.name} has none")
+    size = config["image_size"]
+    if (args.prepare or faces.name == "demo") and main_process:
+        data.prepare(faces, data_root, size, args.workers, config["classes"], progress=lambda line: None)
+    barrier()
+    train_set = data.open_split(faces, "train", size, data_root, config["classes"])
+    targets = train_set.targets()
+    if config["train_fraction"] < 1:
+        if targets is None:
+            raise SystemExit("error: --train-fraction needs class labels to stratify")
+        kept = data.stratified_fraction(targets.numpy(), config["train_fraction"], args.seed)
+        train_set = data.open_split(faces, "train", size, data_root, config["classes"], kept)
+        targets = train_set.targets()
+    num_classes = len(faces.classes) if faces.classes else None
+    counts = torch.bincount(targets, minlength=num_classes) if targets is not None else None
+    weights = hmtl.class_weights(counts) if config["imbalance"] == "weights" and counts is not None else None
+    sampler = data.EpochSampler(
+        len(train_set), args.seed,
+        data.oversampling_weights(targets) if config["imbalance"] == "oversample" and targets is not None else None,
+        rank, world)
+    loader = data.make_loader(train_set, config["batch_size"], args.workers, sampler,
+                              drop_last=True, pin_memory=device.type == "cuda")
+    steps_per_epoch = len(train_set) // world // config["batch_size"]
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(train_set)} training samples are fewer than one batch of "
+                         f"{config['batch_size']} per process")
+    val_split = "val" if "val" in faces.splits else (faces.eval_split if faces.eval_split != "train" else None)
+
+    # model, optimiser, schedule; seeded here, so the initial weights do not depend on
+    # whatever the data side drew from the global RNG (building a cache, say)
+    torch.manual_seed(args.seed + rank)
+    model = hmtl.model_from_config(config, num_classes, weights)
+    if checkpoint is None:
+        init_weights(model, config)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    optimizer = make_optimizer(model, config, device)
+    total_steps = steps_per_epoch * config["epochs"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(int(config["warmup_epochs"] * steps_per_epoch), total_steps))
+    dtype = autocast_dtype(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    augment_rng = torch.Generator(device).manual_seed(args.seed * 7919 + rank)
+
+    epoch, batches_done, step, best, nonfinite = 0, 0, 0, -math.inf, 0
+    if checkpoint is not None:
+        if checkpoint.get("num_classes") != num_classes:
+            raise SystemExit(f"error: {args.resume} has {checkpoint.get('num_classes')} classes, "
+                             f"this data {num_classes}")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        epoch, batches_done, step = checkpoint["epoch"], checkpoint["batches_done"], checkpoint["step"]
+        best, nonfinite = checkpoint["best"], checkpoint["nonfinite"]
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        augment_rng.set_state(checkpoint["rng"]["augment"])
+        log(f"resumed {args.resume}: epoch {epoch + 1}, {batches_done} batches into it, step {step}")
+
+    if args.compile:
+        model.encoder.compile()
+    joint = JointLoss(model)
+    if world > 1:
+        joint = torch.nn.parallel.DistributedDataParallel(
+            joint, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config["task_weight"] == 0)
+
+    def state(epoch, batches_done):
+        return {"model": model.state_dict(), "config": config, "num_classes": num_classes,
+                "classes": faces.classes, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch, "batches_done": batches_done, "step": step, "best": best,
+                "nonfinite": nonfinite,
+                "rng": {"cpu": torch.get_rng_state(), "augment": augment_rng.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
+
+    if main_process:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump({**config, "run": {k: v for k, v in vars(args).items()
+                                         if k not in hmtl.DEFAULTS}}, f, indent=1)
+    metrics_file = os.path.join(out, "metrics.jsonl")
+
+    def record(entry):
+        if main_process:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    stop = StopFlag()
+    previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    log(f"{faces.name}: {len(train_set)} training samples"
+        + (f" ({', '.join(f'{c} {n}' for c, n in zip(faces.classes, counts.tolist()))})" if counts is not None else "")
+        + f"; {config['ssl']} pretext, EfficientNet-{config['arch'].upper()}, {size} px, batch "
+          f"{config['batch_size']} x {world}, {config['epochs']} epochs of {steps_per_epoch} steps; "
+          f"{'AMP ' + str(dtype).split('.')[-1] if dtype else 'float32'} on {device}; out {out}")
+    skipped_images = 0
+    try:
+        while epoch < config["epochs"]:
+            sampler.set_epoch(epoch, batches_done * config["batch_size"])
+            model.train()
+            interval = {"time": time.perf_counter(), "images": 0, "sums": {}, "steps": 0}
+            for batch in loader:
+                skipped_images += len(batch["skipped"])
+                for entry in batch["skipped"]:
+                    log(f"skipped an unreadable image: {entry}")
+                if "image" not in batch:
+                    batches_done += 1
+                    continue
+                images = batch["image"].to(device, non_blocking=True)
+                landmarks = batch["landmarks"].to(device, non_blocking=True)
+                has_landmarks = batch["has_landmarks"].to(device, non_blocking=True)
+                pose = batch["target"].to(device) if config["task"] == "pose" else None
+                images, landmarks, pose = data.augment(images, config["augment"], landmarks, pose,
+                                                       augment_rng)
+                images = images.contiguous(memory_format=memory_format)
+                if config["task"] == "pose":
+                    task_targets = pose
+                else:
+                    task_targets = batch["va" if config["task"] == "va" else "target"].to(device)
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    parts, _ = joint(images, task_targets, landmarks, has_landmarks, augment_rng)
+                loss = parts["loss"]
+                flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                                     torch.tensor(float(stop.requested), device=device)])
+                if world > 1:
+                    torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX)
+                bad, stop.requested = bool(flags[0]), bool(flags[1])
+                optimizer.zero_grad(set_to_none=True)
+                if bad:  # never let a NaN/inf touch the weights
+                    nonfinite += 1
+                    log(f"non-finite loss at epoch {epoch + 1} step {step + 1}: step skipped "
+                        f"({nonfinite} so far)")
+                    if nonfinite >= 20:
+                        save_atomically(state(epoch, batches_done), os.path.join(out, "last.pt"))
+                        raise SystemExit("error: 20 non-finite losses; stopped (last.pt saved). "
+                                         "Lower --lr or check the data.")
+                else:
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        optimizer.step()
+                    scheduler.step()
+                step += 1
+                batches_done += 1
+                interval["images"] += len(images) * world
+                interval["steps"] += 1
+                if not bad:
+                    for key, value in parts.items():
+                        interval["sums"][key] = interval["sums"].get(key, 0.0) + float(value.detach())
+                if on_step is not None:
+                    on_step(step, stop)
+                last_of_epoch = batches_done == steps_per_epoch
+                if step % args.log_interval == 0 or last_of_epoch:
+                    elapsed = time.perf_counter() - interval["time"]
+                    rate = interval["images"] / max(elapsed, 1e-9)
+                    remaining = (total_steps - step) * elapsed / max(1, interval["steps"])
+                    means = {k: v / max(1, interval["steps"]) for k, v in interval["sums"].items()}
+                    shown = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                    log(f"epoch {epoch + 1}/{config['epochs']} step {batches_done}/{steps_per_epoch} "
+                        f"{shown} lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} img/s "
+                        f"ETA {format_duration(remaining)}")
+                    record({"kind": "train", "epoch": epoch + 1, "step": step, **means,
+                            "lr": scheduler.get_last_lr()[0], "images_per_s": rate})
+                    interval = {"time": time.perf_counter(), "images": 0, "sums": {}, "steps": 0}
+                if stop.requested or (args.max_steps and step >= args.max_steps):
+                    break
+            if stop.requested:
+                if main_process:
+                    save_atomically(state(epoch, batches_done), os.path.join(out, "last.pt"))
+                log(f"stopped at epoch {epoch + 1}, {batches_done} batches in: "
+                    f"{os.path.join(out, 'last.pt')} saved; --resume it to continue")
+                return model
+            epoch, batches_done = epoch + 1, 0
+            finished = epoch
+            if args.max_steps and step >= args.max_steps:
+                epoch = config["epochs"]  # a smoke run ends here, checkpointed and evaluated
+            metrics = {}
+            if val_split and main_process:
+                metrics = evaluation.evaluate(model, config, faces, val_split, data_root, device,
+                                              config["batch_size"], args.workers)
+                score = evaluation.selection_metric(config["task"], metrics)
+                shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+                log(f"epoch {finished} validation ({val_split}): {shown}")
+                record({"kind": "val", "epoch": finished, "step": step, "split": val_split,
+                        **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+                if score > best:
+                    best = score
+                    save_atomically(state(epoch, 0), os.path.join(out, "best.pt"))
+            if main_process:
+                save_atomically(state(epoch, 0), os.path.join(out, "last.pt"))
+                if not val_split:
+                    save_atomically(state(epoch, 0), os.path.join(out, "best.pt"))
+            barrier()
+    finally:
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+
+    if skipped_images:
+        log(f"{skipped_images} unreadable images were skipped during training")
+    if nonfinite:
+        log(f"{nonfinite} steps had a non-finite loss and were skipped")
+    if main_process and not args.no_eval and config["task_weight"] > 0:
+        best_model, _ = evaluation.load_checkpoint(os.path.join(out, "best.pt"), device)
+        split = faces.eval_split
+        metrics = evaluation.evaluate(best_model, config, faces, split, data_root, device,
+                                      config["batch_size"], args.workers, out)
+        evaluation.print_metrics(metrics, f"final evaluation of best.pt on {faces.name} / {split}")
+        record({"kind": "test", "split": split,
+                **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main()
