@@ -171,6 +171,8 @@ def confusion_png(confusion, classes, path, cell=56):
     image = Image.new("RGB", (margin + n * cell + 10, margin + n * cell + 10), "white")
     draw = ImageDraw.Draw(image)
     rates = confusion / np.maximum(1, confusion.sum(1, keepdims=True))
+    draw.text((4, 4), "rows: true class", fill="black")
+    draw.text((4, 16), "columns: predicted", fill="black")
     for i in range(n):
         draw.text((4, margin + i * cell + cell // 2 - 5), classes[i], fill="black")
         draw.text((margin + i * cell + 4, margin - 14 - 12 * (i % 2)), classes[i][:8], fill="black")
