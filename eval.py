@@ -92,6 +92,8 @@ def selection_metric(task, metrics):
         return metrics["accuracy"]
     if task == "va":
         return metrics.get("ccc_mean", -1.0)
+    if task == "expr_va":  # the ABAW-style sum of the two
+        return metrics["accuracy"] + metrics.get("ccc_mean", 0.0)
     return -metrics["mae_mean"]
 
 
@@ -100,9 +102,10 @@ def selection_metric(task, metrics):
 
 
 @torch.no_grad()
-def predict_split(model, loader, device, channels_last=True):
-    """Task outputs over a loader on clean (unaugmented) images, with the targets. Returns
-    (outputs, targets, va targets, skipped)."""
+def predict_split(model, loader, device, channels_last=True, embed=False):
+    """Task outputs over a loader on clean (unaugmented) images, with the targets; with
+    `embed`, the pooled embedding instead (the encoder's feature, what downstream models train
+    on). Returns (outputs, targets, va targets, skipped)."""
     model.eval()
     outputs, targets, vas, skipped = [], [], [], []
     for batch in loader:
@@ -112,7 +115,10 @@ def predict_split(model, loader, device, channels_last=True):
         images = data.normalize(batch["image"].to(device, non_blocking=True))
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        outputs.append(model(images).float().cpu())
+        if embed:
+            outputs.append(model.encoder.pool(model.encoder.forward_features(images)).float().cpu())
+        else:
+            outputs.append(model(images).float().cpu())
         targets.append(batch["target"])
         vas.append(batch["va"])
     if not outputs:
@@ -125,7 +131,10 @@ def task_metrics(task, outputs, targets, vas, classes):
     if task == "pose":
         return pose_metrics(hmtl.pose_expectation(outputs.view(-1, 3, hmtl.POSE_BINS)), targets)
     if task == "va":
-        return va_metrics(outputs, vas)
+        return va_metrics(hmtl.valence_arousal(outputs), vas)
+    if task == "expr_va":  # expression metrics on the class logits, CCC on the last two
+        return {**task_metrics("classify", outputs[:, :-2], targets, vas, classes),
+                **va_metrics(hmtl.valence_arousal(outputs), vas)}
     metrics = classification_metrics(outputs.argmax(1).numpy(), targets.numpy(), classes)
     if len(classes) == 8 and classes[7] == "Contempt":  # AffectNet-8 -> the 7-class score
         logits7, labels7 = without_class(outputs, targets, 7)
@@ -303,13 +312,20 @@ def predict(model, paths, size, classes=None, device="cpu"):
             results.append((path, " ".join(f"{a:.1f}" for a in angles),
                             dict(zip(("yaw", "pitch", "roll"), angles))))
         elif model.task == "va":
-            results.append((path, f"valence {output[0]:.3f} arousal {output[1]:.3f}",
-                            {"valence": float(output[0]), "arousal": float(output[1])}))
+            valence, arousal = hmtl.valence_arousal(output[None])[0].tolist()
+            results.append((path, f"valence {valence:.3f} arousal {arousal:.3f}",
+                            {"valence": valence, "arousal": arousal}))
         else:
-            probabilities = output.softmax(0).tolist()
+            logits = output[:-2] if model.task == "expr_va" else output
+            probabilities = logits.softmax(0).tolist()
             names = classes or [str(c) for c in range(len(probabilities))]
-            results.append((path, names[int(np.argmax(probabilities))],
-                            dict(zip(names, probabilities))))
+            scores = dict(zip(names, probabilities))
+            label = names[int(np.argmax(probabilities))]
+            if model.task == "expr_va":
+                valence, arousal = hmtl.valence_arousal(output[None])[0].tolist()
+                scores.update(valence=valence, arousal=arousal)
+                label += f" (valence {valence:.3f}, arousal {arousal:.3f})"
+            results.append((path, label, scores))
     return results
 
 
@@ -335,6 +351,19 @@ def export_onnx(model, path, size):
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def extract_features(model, config, faces, split, data_root, device, path, batch_size=128,
+                     workers=0):
+    """Save the pooled embeddings of a split with their targets to an .npz (features, target,
+    va, classes), e.g. to train a small model on per-frame features, as HSEmotion does."""
+    dataset = data.open_split(faces, split, config["image_size"], data_root, config.get("classes"))
+    loader = data.make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
+    features, targets, vas, skipped = predict_split(model, loader, device, embed=True)
+    np.savez(path, features=features.numpy(), target=targets.numpy(), va=vas.numpy(),
+             classes=np.array(faces.classes or []))
+    return {"path": path, "samples": len(features), "width": features.shape[1],
+            "skipped_unreadable": len(skipped)}
 
 
 def evaluate(model, config, faces, split, data_root, device, batch_size=128, workers=0,
@@ -374,6 +403,8 @@ def main(argv=None):
     parser.add_argument("--predict", metavar="IMAGE_OR_FOLDER", help="label face crops instead")
     parser.add_argument("--export-torchscript", metavar="PATH")
     parser.add_argument("--export-onnx", metavar="PATH")
+    parser.add_argument("--extract-features", metavar="NPZ",
+                        help="with --dataset: save the split's pooled embeddings and targets")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
@@ -401,6 +432,15 @@ def main(argv=None):
         except data.DatasetError as err:
             raise SystemExit(f"error: {err}") from None
         split = args.split or faces.eval_split
+        if args.extract_features:
+            result["features"] = extract_features(model, config, faces, split, args.data_root,
+                                                  device, args.extract_features,
+                                                  args.batch_size, args.workers)
+            if args.json:
+                print(json.dumps(result, indent=1))
+            else:
+                print(f"features: {result['features']}")
+            return result
         out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
         metrics = evaluate(model, config, faces, split, args.data_root, device,
                            args.batch_size, args.workers, out_dir)

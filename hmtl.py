@@ -26,7 +26,7 @@ import ssl_tasks
 # Task heads. Every task is a linear layer on the pooled feature: the encoder's own classifier
 # (dropout + Linear), sized by task_outputs(). So the exported model is a stock EfficientNet.
 
-TASKS = ("classify", "va", "pose")
+TASKS = ("classify", "va", "expr_va", "pose")
 
 # Head pose as in Hopenet (Ruiz et al. 2018): each of yaw, pitch, roll is classified into 66
 # bins of 3 degrees over [-99, 99), and regressed through the softmax expectation.
@@ -35,9 +35,12 @@ POSE_BINS, POSE_BIN_WIDTH, POSE_LIMIT = 66, 3.0, 99.0
 
 def task_outputs(task, num_classes=None):
     """Width of the task head: the classes for "classify" (expression, gender), 2 for "va"
-    (valence, arousal), 3 x 66 bins for "pose"."""
+    (valence, arousal), the classes + 2 for "expr_va" (one head for both, as HSEmotion's
+    multi-task EfficientNet), 3 x 66 bins for "pose"."""
     if task == "classify":
         return num_classes
+    if task == "expr_va":
+        return num_classes + 2
     if task == "va":
         return 2
     if task == "pose":
@@ -75,6 +78,14 @@ def va_loss(pred, target):
         if valid.sum() >= 2:
             loss = loss + 1 - ccc(pred[valid, dim], target[valid, dim])
     return loss
+
+
+def valence_arousal(outputs):
+    """The head's last two outputs -> (N, 2) valence, arousal in (-1, 1), through tanh: the
+    labels' range. Unbounded, they grow with the features that the expression logits share,
+    and the CCC's gradient (~1 / their variance) then vanishes (measured on the demo: std 17 to
+    661 against 0.4 for the targets, CCC 0.00 at step 300)."""
+    return torch.tanh(outputs[:, -2:].float())
 
 
 def pose_bin_centres(device=None):
@@ -155,10 +166,16 @@ class HMTL(nn.Module):
         return self.encoder(images)
 
     def task_loss(self, outputs, targets):
+        """targets: class indices ("classify"), (N, 2) valence/arousal ("va"), the pair
+        (class indices, valence/arousal) ("expr_va"), or (N, 3) degrees ("pose")."""
         if self.task == "classify":
             return classification_loss(outputs, targets, self.weights, self.label_smoothing)
         if self.task == "va":
-            return va_loss(outputs, targets)
+            return va_loss(valence_arousal(outputs), targets)
+        if self.task == "expr_va":  # class-weighted CE + (1 - CCC_v) + (1 - CCC_a)
+            labels, va = targets
+            return (classification_loss(outputs[:, :-2], labels, self.weights, self.label_smoothing)
+                    + va_loss(valence_arousal(outputs), va))
         return pose_loss(outputs, targets, self.pose_alpha)
 
     def perceptual_net(self):

@@ -1209,6 +1209,56 @@ def test_training_on_the_demo_really_learns(ssl, tmp_path):
     assert test["samples"] == 400 and test["accuracy"] >= 0.2, test
 
 
+def test_expression_and_valence_arousal_in_one_head():
+    torch.manual_seed(0)
+    weights = torch.tensor([1.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 4.0])
+    model = hmtl.HMTL("b0", "expr_va", 8, "none", weights=weights).train()
+    assert hmtl.task_outputs("expr_va", 8) == 10 and model.encoder.classifier[1].out_features == 10
+    labels = torch.tensor([0, 1, 7, 3])
+    va = torch.tensor([[0.1, 0.2], [0.7, 0.4], [-2.0, -2.0], [-0.5, 0.6]])
+    parts, outputs = model.losses(torch.randn(4, 3, 64, 64), (labels, va))
+    expected = (F.cross_entropy(outputs[:, :8].detach().float(), labels, weight=weights)
+                + hmtl.va_loss(torch.tanh(outputs[:, 8:].detach()), va))
+    torch.testing.assert_close(parts["task"], expected)
+    metrics = evaluation.task_metrics("expr_va", outputs.detach(), labels, va,
+                                      data.AFFECTNET_CLASSES)
+    assert {"accuracy", "macro_f1", "ccc_valence", "ccc_arousal", "seven_class"} <= set(metrics)
+
+
+def test_expr_va_training_evaluation_prediction_and_features(tiny_demo, tmp_path):
+    run_train(tiny_demo, tmp_path / "run", "--task", "expr_va", "--ssl", "inpaint", "--epochs", "1")
+    best = str(tmp_path / "run" / "best.pt")
+    result = evaluation.main(["--checkpoint", best, "--dataset", "demo", "--data-root",
+                              tiny_demo, "--json", "--workers", "0"])
+    assert {"accuracy", "ccc_valence", "rmse_arousal"} <= set(result["metrics"])
+    write_image(tmp_path / "face.jpg", (40, 40))
+    prediction = evaluation.main(["--checkpoint", best, "--predict", str(tmp_path / "face.jpg"),
+                                  "--json"])["predictions"][0]
+    assert "valence" in prediction["label"] and set(prediction["scores"]) >= {"Happy", "arousal"}
+    assert sum(v for k, v in prediction["scores"].items() if k in data.AFFECTNET_CLASSES) == \
+        pytest.approx(1, abs=1e-5)
+    features = evaluation.main(["--checkpoint", best, "--dataset", "demo", "--data-root",
+                                tiny_demo, "--extract-features", str(tmp_path / "f.npz"),
+                                "--json", "--workers", "0"])["features"]
+    saved = np.load(tmp_path / "f.npz")
+    assert features["samples"] == 16 and saved["features"].shape == (16, 1280)
+    assert saved["va"].shape == (16, 2) and list(saved["classes"]) == data.AFFECTNET_CLASSES
+    with pytest.raises(SystemExit, match="needs valence/arousal labels; fer2013 has none"):
+        pixels = " ".join(["1"] * 2304)
+        (tmp_path / "fer2013.csv").write_text(f"emotion,pixels,Usage\n3,{pixels},Training\n")
+        train.main(["--dataset", "fer2013", "--data-root", str(tmp_path), "--task", "expr_va"])
+
+
+def test_expr_va_on_the_demo_learns_both(tmp_path):
+    """The demo's synthetic valence/arousal follow its expressions: after 300 steps both the
+    expression accuracy and the CCC are clearly above chance and 0."""
+    train.main(["--dataset", "demo", "--task", "expr_va", "--out", str(tmp_path),
+                "--max-steps", "300", "--workers", "0", "--log-interval", "50"])
+    entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    test = next(e for e in entries if e["kind"] == "test")
+    assert test["accuracy"] >= 0.2 and test["ccc_mean"] >= 0.1, test
+
+
 def ddp_worker(rank, world, port, demo_root, out):
     import os as _os
     _os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),

@@ -44,7 +44,8 @@ def parse_args(argv=None):
     g.add_argument("--dataset", choices=list(data.READERS))
     g.add_argument("--data-root", help="the dataset folder as downloaded (not needed for demo)")
     g.add_argument("--classes", type=int, help="protocol: AffectNet 8 or 7")
-    g.add_argument("--task", choices=hmtl.TASKS, help="classify, va (valence/arousal) or pose")
+    g.add_argument("--task", choices=hmtl.TASKS,
+                   help="classify, va (valence/arousal), expr_va (both, one head) or pose")
     g.add_argument("--ssl", choices=hmtl.SSL_TASKS, help="the pretext task")
     g.add_argument("--arch", choices=sorted(models.VARIANTS))
     g.add_argument("--init", help="scratch, imagenet, or a checkpoint path (e.g. SSL-pretrained)")
@@ -272,8 +273,9 @@ def main(argv=None, on_step=None):
         raise SystemExit(f"error: {faces.name} has no training split"
                          + (" (CK+ is evaluated: python eval.py --dataset ckplus --checkpoint ...)"
                             if faces.name == "ckplus" else ""))
-    if config["task"] == "va" and faces.name not in ("affectnet", "demo"):
-        raise SystemExit(f"error: --task va needs valence/arousal labels; {faces.name} has none")
+    if config["task"] in ("va", "expr_va") and faces.name not in ("affectnet", "demo"):
+        raise SystemExit(f"error: --task {config['task']} needs valence/arousal labels; "
+                         f"{faces.name} has none")
     size = config["image_size"]
     if (args.prepare or faces.name == "demo") and main_process:
         data.prepare(faces, data_root, size, args.workers, config["classes"], progress=lambda line: None)
@@ -394,6 +396,8 @@ def main(argv=None, on_step=None):
                 images = images.contiguous(memory_format=memory_format)
                 if config["task"] == "pose":
                     task_targets = pose
+                elif config["task"] == "expr_va":
+                    task_targets = (batch["target"].to(device), batch["va"].to(device))
                 else:
                     task_targets = batch["va" if config["task"] == "va" else "target"].to(device)
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
