@@ -388,11 +388,9 @@ def read_300w_lp(root):
     base = find(root, "300W_LP", "300W-LP")
     train, train_skipped = read_pose_folder(base, "300W-LP", os.path.join("*", "*.jpg"), False)
     splits, skipped = {"train": train}, {"train": train_skipped}
-    try:
+    if find(root, "image0*.jpg", "AFLW2000", required=False):  # optional: training alone is fine
         aflw = read_aflw2000(root)
         splits["test"], skipped["test"] = aflw.splits["test"], aflw.skipped["test"]
-    except DatasetError:
-        pass  # training alone is fine; eval.py names AFLW2000 explicitly
     return FaceData("300w_lp", "pose", None, splits, skipped, "test", margin=0.0)
 
 
@@ -403,7 +401,7 @@ def read_aflw2000(root):
                     margin=0.0)
 
 
-# BIWI Kinect Head Pose: 01..24/frame_XXXXX_rgb.png + frame_XXXXX_pose.txt (a 3x3 rotation
+# BIWI Kinect Head Pose: 01..24/frame_NNNNN_rgb.png + frame_NNNNN_pose.txt (a 3x3 rotation
 # matrix, a blank line, the head centre in mm). The frames are not face crops and the database
 # gives no face box, so the box is the head centre projected with the RGB camera's intrinsics
 # (the folder's rgb.cal when present, else the commonly used fx = fy = 517.679, cx = 320,
