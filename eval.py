@@ -353,12 +353,17 @@ def export_onnx(model, path, size):
 # ----------------------------------------------------------------------------------------------
 
 
+def split_loader(config, faces, split, data_root, device, batch_size, workers):
+    """Clean images of a split at the run's size: the prepared cache if any, else decoded."""
+    dataset = data.open_split(faces, split, config["image_size"], data_root, config.get("classes"))
+    return data.make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
+
+
 def extract_features(model, config, faces, split, data_root, device, path, batch_size=128,
                      workers=0):
     """Save the pooled embeddings of a split with their targets to an .npz (features, target,
     va, classes), e.g. to train a small model on per-frame features, as HSEmotion does."""
-    dataset = data.open_split(faces, split, config["image_size"], data_root, config.get("classes"))
-    loader = data.make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
+    loader = split_loader(config, faces, split, data_root, device, batch_size, workers)
     features, targets, vas, skipped = predict_split(model, loader, device, embed=True)
     np.savez(path, features=features.numpy(), target=targets.numpy(), va=vas.numpy(),
              classes=np.array(faces.classes or []))
@@ -373,8 +378,7 @@ def evaluate(model, config, faces, split, data_root, device, batch_size=128, wor
     size = config["image_size"]
     if faces.name == "ckplus":
         return ckplus_nonlinear(model, faces, size, device, batch_size)
-    dataset = data.open_split(faces, split, size, data_root, config.get("classes"))
-    loader = data.make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
+    loader = split_loader(config, faces, split, data_root, device, batch_size, workers)
     outputs, targets, vas, skipped = predict_split(model, loader, device)
     if model.task == "classify" and outputs.shape[1] != len(faces.classes):
         raise SystemExit(f"error: the checkpoint predicts {outputs.shape[1]} classes, "
