@@ -12,7 +12,8 @@ Parts (`python bench.py models hmtl`; all by default):
            EfficientNet (models.py) against torchvision's, B0 and B2; the hand-written one
            also with memory_efficient=True.
   hmtl     the HMTL training step (joint loss, pretext transform batched on the device) with
-           puzzling and with in-painting, against plain supervised learning (SL).
+           puzzling and with in-painting, against plain supervised learning (SL); also the
+           expression + valence/arousal task (expr_va) with its linear and its GCN head.
   e2e      train.py end to end (data + step + validation), SL vs puzzle vs in-painting: one
            demo epoch at 64 px on the CPU; 224 px, B0 and B2, on CUDA, with the projected time
            of one AffectNet-8 epoch (287,651 images)
@@ -153,20 +154,28 @@ def bench_models(args, device, autocast):
 
 def bench_hmtl(args, device, autocast):
     """HMTL training step (joint loss: task + pretext, pretext transform on the device)
-    against plain supervised learning, same batch and size."""
+    against plain supervised learning, same batch and size; and the expression +
+    valence/arousal task with its linear head and with the Emotion-GCN head."""
     import hmtl
 
     rows = []
     for arch in args.arch:
         images, labels = random_batch(args, device)
+        va = torch.rand(args.batch, 2, device=device) * 2 - 1
+        graph = hmtl.emotion_graph(labels.cpu(), va.cpu(), args.classes)
         contenders = {"SL": dict(ssl="none"), "SL + puzzle": dict(ssl="puzzle"),
-                      "SL + inpaint (perceptual: backbone)": dict(ssl="inpaint")}
+                      "SL + inpaint (perceptual: backbone)": dict(ssl="inpaint"),
+                      "SL expr_va": dict(task="expr_va"),
+                      "SL expr_va, GCN head": dict(task="expr_va", head="gcn", graph=graph)}
         steps = {}
         for name, config in contenders.items():
-            net = hmtl.HMTL(arch, "classify", args.classes, **config).to(
+            config = {"task": "classify", **config}
+            targets = (labels, va) if config["task"] == "expr_va" else labels
+            net = hmtl.HMTL(arch, num_classes=args.classes, **config).to(
                 device, memory_format=memory_format(args)).train()
-            steps[name] = make_step(net, lambda net=net: net.losses(images, labels)[0]["loss"],
-                                    autocast)
+            steps[name] = make_step(
+                net, lambda net=net, targets=targets: net.losses(images, targets)[0]["loss"],
+                autocast)
         times = race(steps, device, args.steps, args.rounds)
         for name in contenders:
             rows.append(dict(

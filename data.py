@@ -21,6 +21,7 @@ The path from disk to the GPU:
 
 import argparse
 import csv
+import functools
 import glob
 import hashlib
 import json
@@ -60,7 +61,7 @@ class Sample:
 @dataclass
 class FaceData:
     name: str
-    task: str                      # "classify" or "pose"
+    task: str                      # "classify", "pose", or "va" (Aff-Wild2's VA frames)
     classes: list                  # class names in the dataset's own order; None for pose
     splits: dict                   # split name -> [Sample]
     skipped: dict                  # split name -> Counter(reason -> rows)
@@ -632,6 +633,131 @@ def read_folder(root):
 
 
 # ----------------------------------------------------------------------------------------------
+# Aff-Wild2 (Kollias & Zafeiriou), in the ABAW challenges' release: face crops per video,
+# cropped_aligned/<video>/<frame:05d>.jpg (a frame where no face was found has no file), and
+# per challenge one annotation file per video, in Train_Set/ and Validation_Set/ folders:
+# EXPR_*/<split>/<video>.txt holds a header naming the classes, then one label per frame
+# (-1 = unlabeled); VA_*/<split>/<video>.txt holds the header "valence,arousal", then one pair
+# per frame (-5 = invalid). Line i below the header is frame i (00001.jpg first). The test
+# labels were never released: Validation_Set is what papers report on.
+
+AFFWILD2_SPLITS = {"Train_Set": "train", "Validation_Set": "val"}
+
+
+def read_frame_annotations(path):
+    """(header, [numbers of frame 1, 2, ...]); a line that is not comma-separated numbers is None."""
+    with open(path, errors="replace") as f:
+        header = f.readline().strip()
+        rows = []
+        for line in f:
+            try:
+                rows.append([float(v) for v in line.strip().split(",")])
+            except ValueError:
+                rows.append(None)
+    return header, rows
+
+
+def affwild2_files(challenge_dir):
+    """{split: {video: annotation path}} of one challenge's folder."""
+    return {split: {os.path.splitext(os.path.basename(p))[0]: p
+                    for p in sorted(glob.glob(os.path.join(challenge_dir, folder, "*.txt")))}
+            for folder, split in AFFWILD2_SPLITS.items()}
+
+
+def read_affwild2(root, labels="expr"):
+    """labels="expr": the frames with an expression label (the EXPR challenge), classes as
+    the header names them; valence/arousal ride along where the VA challenge labels the same
+    frame. labels="va": the frames with a valid valence/arousal pair (task "va")."""
+    frames = find(root, "cropped_aligned", "Aff-Wild2 (face crops)", depth=3)
+    expr_dir = find(root, "EXPR_*", "Aff-Wild2 (expression annotations)", depth=3,
+                    required=labels == "expr")
+    va_dir = find(root, "VA_*", "Aff-Wild2 (valence/arousal annotations)", depth=3,
+                  required=labels == "va")
+    expr_files = affwild2_files(expr_dir) if expr_dir else {}
+    va_files = affwild2_files(va_dir) if va_dir else {}
+    expr_any = {video: path for split in expr_files.values() for video, path in split.items()}
+    va_any = {video: path for split in va_files.values() for video, path in split.items()}
+    primary = expr_files if labels == "expr" else va_files
+    classes = None
+    if labels == "expr" and expr_any:
+        classes = read_frame_annotations(next(iter(expr_any.values())))[0].split(",")
+    splits, skipped = {}, {}
+    for split, videos in primary.items():
+        samples, reasons = [], Counter()
+        for video, path in videos.items():
+            expressions = (read_affwild2_expressions(expr_any.get(video), classes, reasons)
+                           if labels == "expr" else [])
+            affect = read_affwild2_affect(va_any.get(video), reasons)
+            count = len(expressions if labels == "expr" else affect)
+            folder = os.path.join(frames, video)
+            if not os.path.isdir(folder):
+                reasons["video folder missing from cropped_aligned"] += count
+                continue
+            present = set(os.listdir(folder))
+            for frame in range(1, count + 1):
+                expression = expressions[frame - 1] if frame <= len(expressions) else "unannotated"
+                va = affect[frame - 1] if frame <= len(affect) else "unannotated"
+                wanted = expression if labels == "expr" else va
+                if isinstance(wanted, str):
+                    reasons[wanted] += 1
+                    continue
+                name = f"{frame:05d}.jpg"
+                if name not in present:
+                    reasons["frame image missing (no face found)"] += 1
+                    continue
+                samples.append(Sample(os.path.join(folder, name),
+                                      expression if labels == "expr" else -1,
+                                      va=None if isinstance(va, str) else va, subject=video))
+        splits[split], skipped[split] = samples, reasons
+    if labels == "va":
+        return FaceData("affwild2_va", "va", None, splits, skipped, "val", margin=0.0)
+    return FaceData("affwild2", "classify", classes, splits, skipped, "val", margin=0.0)
+
+
+def read_affwild2_expressions(path, classes, reasons):
+    """Per frame: the class index, or the reason it has none. [] without a file; a file whose
+    header names other classes is skipped whole and counted."""
+    if path is None:
+        return []
+    header, rows = read_frame_annotations(path)
+    if header.split(",") != classes:
+        reasons[f"expression file header is not {','.join(classes)}"] += len(rows)
+        return []
+    labels = []
+    for row in rows:
+        if row is None or len(row) != 1 or not row[0].is_integer():
+            labels.append("malformed expression line")
+        elif row[0] == -1:
+            labels.append("expression unlabeled (-1)")
+        elif not 0 <= row[0] < len(classes):
+            labels.append(f"expression outside 0..{len(classes) - 1}")
+        else:
+            labels.append(int(row[0]))
+    return labels
+
+
+def read_affwild2_affect(path, reasons):
+    """Per frame: (valence, arousal), or the reason it has none. [] without a file."""
+    if path is None:
+        return []
+    header, rows = read_frame_annotations(path)
+    if header.replace(" ", "").lower() != "valence,arousal":
+        reasons["valence/arousal file header is not valence,arousal"] += len(rows)
+        return []
+    pairs = []
+    for row in rows:
+        if row is None or len(row) != 2:
+            pairs.append("malformed valence/arousal line")
+        elif -5 in row:
+            pairs.append("valence/arousal invalid (-5)")
+        elif max(abs(v) for v in row) > 1:
+            pairs.append("valence/arousal outside [-1, 1]")
+        else:
+            pairs.append(tuple(row))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------
 # The built-in demo: synthetic faces whose 8 expressions (AffectNet's classes) are carried by
 # fine details (mouth curve and opening, brow height and slant, eye opening, a nose wrinkle, a
 # one-sided smile), under nuisance variation in identity, skin tone, pose, scale, lighting,
@@ -822,7 +948,8 @@ READERS = {
     "affectnet": read_affectnet, "ckplus": read_ckplus, "300w_lp": read_300w_lp,
     "aflw2000": read_aflw2000, "biwi": read_biwi, "celeba": read_celeba,
     "utkface": read_utkface, "fer2013": read_fer2013, "rafdb": read_rafdb,
-    "folder": read_folder, "demo": read_demo,
+    "folder": read_folder, "demo": read_demo, "affwild2": read_affwild2,
+    "affwild2_va": functools.partial(read_affwild2, labels="va"),
 }
 
 
@@ -920,6 +1047,10 @@ class FaceDataset(torch.utils.data.Dataset):
         """Class targets of the items, in item order (for sampling and stratification)."""
         return torch.tensor([self.samples[i].target for i in self.indices]) \
             if self.data.task == "classify" else None
+
+    def va_targets(self):
+        """(N, 2) valence/arousal of the items, sentinels included (the GCN head's graph)."""
+        return torch.stack([va_tensor(self.samples[i]) for i in self.indices])
 
     def __getitem__(self, i):
         sample = self.samples[self.indices[i]]
@@ -1031,6 +1162,9 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def targets(self):
         return self.target[torch.from_numpy(self.indices)] if self.meta["task"] == "classify" else None
+
+    def va_targets(self):
+        return self.va[torch.from_numpy(self.indices)]
 
     def __getitem__(self, i):
         return self.__getitems__([i])
@@ -1283,7 +1417,7 @@ def summarize(data, verify=False, size=64):
         entry = {"samples": len(samples), "skipped": dict(data.skipped.get(split, {}))}
         if data.task == "classify":
             entry["per_class"] = dict(zip(data.classes, data.counts(split)))
-        elif samples:
+        elif data.task == "pose" and samples:
             angles = np.array([s.target for s in samples])
             entry["angles"] = {name: [round(float(angles[:, k].min()), 1),
                                       round(float(angles[:, k].max()), 1)]

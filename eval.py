@@ -11,6 +11,8 @@ Protocols:
                       (printed with class names and drawn as a PNG); for an AffectNet-8 model
                       also the 7-class score, dropping Contempt samples and the Contempt logit
   valence/arousal     CCC and RMSE per dimension (sentinels outside [-1, 1] excluded)
+  Aff-Wild2           macro-F1 over the expressions (the ABAW metric; it also picks best.pt),
+                      CCC for valence and arousal, on Validation_Set
   head pose           MAE of yaw, pitch, roll and their mean, in degrees
   CK+                 the paper's "nonlinear evaluation": the encoder frozen, a small MLP trained
                       on its pooled features per fold, subject-independent 10-fold
@@ -86,14 +88,16 @@ def pose_metrics(predicted, target):
             "mae_mean": sum(error) / 3, "samples": int(len(target))}
 
 
-def selection_metric(task, metrics):
-    """The one number that picks best.pt (higher is better)."""
+def selection_metric(task, metrics, dataset=None):
+    """The one number that picks best.pt (higher is better): what the dataset's papers report;
+    on Aff-Wild2 the ABAW challenges' macro-F1 instead of accuracy."""
+    expressions = metrics.get("macro_f1" if dataset == "affwild2" else "accuracy")
     if task == "classify":
-        return metrics["accuracy"]
+        return expressions
     if task == "va":
         return metrics.get("ccc_mean", -1.0)
     if task == "expr_va":  # the ABAW-style sum of the two
-        return metrics["accuracy"] + metrics.get("ccc_mean", 0.0)
+        return expressions + metrics.get("ccc_mean", 0.0)
     return -metrics["mae_mean"]
 
 
@@ -208,7 +212,8 @@ def load_checkpoint(path, device="cpu"):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         config, num_classes = checkpoint["config"], checkpoint["num_classes"]
-        model = hmtl.model_from_config(config, num_classes)
+        model = hmtl.model_from_config(config, num_classes, None,
+                                       *hmtl.saved_graph(checkpoint["model"]))
         model.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError, TypeError, ValueError, EOFError) as err:
         raise SystemExit(f"error: {path} is not an HMTL checkpoint of train.py "

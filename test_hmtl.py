@@ -857,6 +857,85 @@ def test_rafdb_basic_and_plain_folders(tmp_path):
     assert [s.target for s in folder.splits["train"]] == [0, 1]
 
 
+ABAW_EXPR_HEADER = "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other"
+
+
+@pytest.fixture
+def affwild2_root(tmp_path):
+    """Aff-Wild2 in the ABAW release layout, with every kind of bad frame once."""
+    root = tmp_path / "Aff-Wild2"
+    annotations = root / "Third ABAW Annotations"
+    expr, va = annotations / "EXPR_Classification_Challenge", annotations / "VA_Estimation_Challenge"
+
+    def annotation(path, header, lines):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join([header, *lines]) + "\n")
+
+    # video1: frame 1 labelled 0; 2 unlabeled; 3 labelled 3; 4 labelled 7 but no face crop; 5
+    # outside the classes; 6 malformed. Its VA: 1 and 3 valid, 2 invalid (-5), 4 valid but no
+    # crop, 5 outside [-1, 1].
+    annotation(expr / "Train_Set" / "video1.txt", ABAW_EXPR_HEADER, ["0", "-1", "3", "7", "9", "x"])
+    annotation(va / "Train_Set" / "video1.txt", "valence,arousal",
+               ["0.5,0.2", "-5,-5", "0.1,0.9", "0.3,-0.4", "2,0"])
+    # video2: validation, both; video3: VA only; video4: no face-crop folder at all
+    annotation(expr / "Validation_Set" / "video2.txt", ABAW_EXPR_HEADER, ["1", "2", "-1"])
+    annotation(va / "Validation_Set" / "video2.txt", "valence,arousal", ["0.2,0.3", "-5,-5", "0.4,0.4"])
+    annotation(va / "Train_Set" / "video3.txt", "valence,arousal",
+               ["0.1,0.1", "-5,0.2", "0.5,0.5", "0.2,0.2"])
+    annotation(expr / "Train_Set" / "video4.txt", ABAW_EXPR_HEADER, ["1", "2"])
+    # a file whose header names other classes is skipped whole
+    annotation(expr / "Train_Set" / "video5.txt", "Neutral,Anger", ["1"])
+    frames = root / "cropped_aligned"
+    for video, present in (("video1", (1, 2, 3, 5, 6)), ("video2", (1, 2, 3)),
+                           ("video3", (1, 2, 3)), ("video5", (1,))):
+        for frame in present:
+            write_image(frames / video / f"{frame:05d}.jpg", (32, 32))
+    return root
+
+
+def test_affwild2_expression_and_valence_arousal_frames(affwild2_root):
+    d = data.load("affwild2", str(affwild2_root))
+    assert d.classes == ABAW_EXPR_HEADER.split(",") and d.eval_split == "val" and d.task == "classify"
+    train = d.splits["train"]
+    assert [(Path(s.image).parent.name, Path(s.image).name, s.target) for s in train] == \
+        [("video1", "00001.jpg", 0), ("video1", "00003.jpg", 3)]
+    assert [s.va for s in train] == [(0.5, 0.2), (0.1, 0.9)]  # VA rides along where labelled
+    assert d.skipped["train"] == Counter({
+        "expression unlabeled (-1)": 1, "frame image missing (no face found)": 1,
+        "expression outside 0..7": 1, "malformed expression line": 1,
+        "video folder missing from cropped_aligned": 2,
+        f"expression file header is not {ABAW_EXPR_HEADER}": 1})
+    assert [(s.target, s.va) for s in d.splits["val"]] == [(1, (0.2, 0.3)), (2, None)]
+    assert d.skipped["val"] == Counter({"expression unlabeled (-1)": 1})
+
+    v = data.load("affwild2_va", str(affwild2_root))
+    assert v.task == "va" and v.classes is None
+    assert [s.va for s in v.splits["val"]] == [(0.2, 0.3), (0.4, 0.4)]
+    assert [(s.subject, Path(s.image).name, s.va) for s in v.splits["train"]] == [
+        ("video1", "00001.jpg", (0.5, 0.2)), ("video1", "00003.jpg", (0.1, 0.9)),
+        ("video3", "00001.jpg", (0.1, 0.1)), ("video3", "00003.jpg", (0.5, 0.5))]
+    assert v.skipped["train"] == Counter({
+        "valence/arousal invalid (-5)": 2, "valence/arousal outside [-1, 1]": 1,
+        "frame image missing (no face found)": 2})
+    with pytest.raises(data.DatasetError, match="no cropped_aligned found"):
+        data.load("affwild2", str(affwild2_root / "Third ABAW Annotations"))
+
+
+def test_affwild2_training_selects_by_macro_f1(affwild2_root, tmp_path, capsys):
+    """The GCN head on Aff-Wild2's expressions with valence/arousal: trains, evaluates with
+    macro-F1 and CCC; the VA frames train the "va" task on their own."""
+    common = ["--data-root", str(affwild2_root), "--image-size", "32", "--batch-size", "2",
+              "--workers", "0", "--epochs", "1"]
+    train.main(["--dataset", "affwild2", "--task", "expr_va", "--head", "gcn", "--classes", "8",
+                "--out", str(tmp_path / "expr"), *common])
+    printed = capsys.readouterr().out
+    assert "affwild2 / val" in printed and "macro_f1" in printed
+    assert evaluation.selection_metric("expr_va", {"macro_f1": 0.4, "accuracy": 0.9, "ccc_mean": 0.3},
+                                       "affwild2") == pytest.approx(0.7)
+    train.main(["--dataset", "affwild2_va", "--out", str(tmp_path / "va"), *common, "--no-eval"])
+    assert json.loads((tmp_path / "va" / "config.json").read_text())["task"] == "va"
+
+
 def test_missing_roots_and_unknown_layouts_fail_in_one_line(tmp_path):
     cases = [("affectnet", tmp_path / "nowhere"), ("affectnet", tmp_path), ("ckplus", tmp_path),
              ("celeba", tmp_path), ("300w_lp", tmp_path), ("fer2013", tmp_path)]
@@ -1259,6 +1338,116 @@ def test_expr_va_on_the_demo_learns_both(tmp_path):
     assert test["accuracy"] >= 0.2 and test["ccc_mean"] >= 0.1, test
 
 
+# ----------------------------------------------------------------------------------------------
+# The Emotion-GCN head.
+
+# A hand-made label table: 3 expressions, 6 samples, one arousal sentinel (-5).
+GRAPH_LABELS = [0, 0, 1, 1, 2, 2]
+GRAPH_VA = [[0.9, 0.5], [0.8, -0.5], [-0.5, 0.6], [-0.6, -0.6], [0.0, 0.3], [0.1, -5.0]]
+
+
+def test_spearman_correlations_of_a_hand_made_label_table():
+    rho = hmtl.label_correlations(torch.tensor(GRAPH_LABELS), torch.tensor(GRAPH_VA), 3)
+    # expression 0 against valence: indicator ranks (5.5, 5.5, 2.5 x 4), valence ranks
+    # (6, 5, 2, 1, 3, 4): centred, sum xy = 12, sum x^2 = 12, sum y^2 = 17.5 -> 12 / sqrt(210)
+    assert rho[0, 3].item() == pytest.approx(12 / math.sqrt(210))
+    assert rho[1, 3].item() == pytest.approx(-12 / math.sqrt(210))
+    # valence against arousal over the 5 samples with both: rank differences (1, 2, -3, 0, 0),
+    # 1 - 6 * 14 / (5 * 24) = 0.3; the -5 sample takes no part (with it, rho would be 0.6)
+    assert rho[3, 4].item() == pytest.approx(0.3)
+    # expression 2 sits at the middle of valence and of arousal: no correlation at all
+    assert rho[2, 3].item() == pytest.approx(0) and rho[2, 4].item() == pytest.approx(0)
+    assert rho[0, 4].item() == pytest.approx(0) and rho[0, 1].item() == pytest.approx(-0.5)
+    assert torch.equal(rho, rho.T) and torch.equal(rho.diagonal(), torch.ones(5, dtype=torch.float64))
+    assert hmtl.spearman(torch.ones(4), torch.arange(4.0)) == 0.0  # constant: undefined -> 0
+
+
+def test_emotion_graph_of_a_hand_made_label_table():
+    """Edges where |rho| >= 0.1 between an expression and V/A or between V and A; the
+    expression-expression correlations (-0.5 here) are dropped; self-loops 0.5 and the other
+    half shared among the neighbours; expression 2 has none and keeps all of itself."""
+    adjacency = hmtl.emotion_graph(torch.tensor(GRAPH_LABELS), torch.tensor(GRAPH_VA), 3)
+    third = 0.5 / 3
+    expected = torch.tensor([
+        [0.5, 0.0, 0.0, 0.5, 0.0],        # expression 0: valence
+        [0.0, 0.5, 0.0, 0.5, 0.0],        # expression 1: valence
+        [0.0, 0.0, 1.0, 0.0, 0.0],        # expression 2: isolated
+        [third, third, 0.0, 0.5, third],  # valence: expressions 0, 1 and arousal
+        [0.0, 0.0, 0.0, 0.5, 0.5],        # arousal: valence only
+    ])
+    torch.testing.assert_close(adjacency, expected)
+    assert hmtl.graph_edges(adjacency, ["a", "b", "c", "valence", "arousal"]) == \
+        "a-valence, b-valence, valence-arousal"
+
+
+def test_gcn_head_shapes_gradients_and_export():
+    torch.manual_seed(0)
+    graph = hmtl.emotion_graph(torch.tensor(GRAPH_LABELS), torch.tensor(GRAPH_VA), 3)
+    model = hmtl.HMTL("b0", "expr_va", 3, "puzzle", head="gcn", graph=graph, view="separate").train()
+    weights = model.graph_head.node_weights()
+    assert weights.shape == (5, 1280) and model.graph_head.node_embeddings.shape == (5, 300)
+    labels, va = torch.tensor([0, 1, 2, 0]), torch.tensor([[0.5, 0.1], [-0.3, 0.2], [0.0, -5.0], [0.9, 0.4]])
+    parts, outputs = model.losses(torch.randn(4, 3, 64, 64), (labels, va))
+    assert outputs.shape == (4, 5) and {"task", "ssl"} <= set(parts)
+    parts["loss"].backward()
+    head = model.graph_head
+    for parameter in (head.node_embeddings, head.layer1.weight, head.layer2.weight,
+                      model.encoder.features[0][0].weight, model.puzzle_head.linear.weight):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    # the linear classifier is not trained: export() writes the graph's weights into it
+    assert model.encoder.classifier[1].weight.grad is None
+    model.eval()
+    images = torch.randn(2, 3, 64, 64)
+    deployed = hmtl.export(model)
+    assert type(deployed) is models.EfficientNet
+    torch.testing.assert_close(deployed(images), model(images))
+    with pytest.raises(ValueError, match="needs task 'expr_va'"):
+        hmtl.HMTL("b0", "classify", 3, head="gcn", graph=graph)
+    with pytest.raises(ValueError, match="needs the label graph"):
+        hmtl.HMTL("b0", "expr_va", 3, head="gcn")
+
+
+def test_node_vectors_from_a_word_vector_file(tmp_path):
+    names = ["Happy", "Sad", "valence", "arousal"]
+    lines = ["the 0 0 0", "happy 1 2 3", "sad 4 5 6", "arousal 7 8 9", "valence 1 1 1", "later x y z"]
+    (tmp_path / "glove.txt").write_text("\n".join(lines) + "\n")
+    vectors = hmtl.read_node_vectors(str(tmp_path / "glove.txt"), names)
+    assert vectors.tolist() == [[1, 2, 3], [4, 5, 6], [1, 1, 1], [7, 8, 9]]
+    with pytest.raises(ValueError, match="no such file"):
+        hmtl.read_node_vectors(str(tmp_path / "missing.txt"), names)
+    with pytest.raises(ValueError, match="no vector for contempt"):
+        hmtl.read_node_vectors(str(tmp_path / "glove.txt"), names + ["Contempt"])
+    graph = torch.eye(4)
+    model = hmtl.HMTL("b0", "expr_va", 2, head="gcn", graph=graph, node_vectors=vectors)
+    assert "graph_head.node_vectors" in model.state_dict()  # fixed: a buffer, not trained
+    assert not any("node" in name for name, _ in model.named_parameters())
+    assert model.graph_head.layer1.in_features == 3
+
+
+def test_gcn_training_resume_evaluation_and_a_bad_vector_path(tiny_demo, tmp_path, capsys):
+    run_train(tiny_demo, tmp_path / "run", "--task", "expr_va", "--head", "gcn", "--ssl",
+              "inpaint", "--epochs", "2", on_step=stop_at(2))
+    assert "emotion graph from 32 training labels: " in capsys.readouterr().out
+    run_train(tiny_demo, tmp_path / "run", "--resume", str(tmp_path / "run" / "last.pt"))
+    model, config = evaluation.load_checkpoint(str(tmp_path / "run" / "best.pt"))
+    assert config["head"] == "gcn" and model.graph_head.adjacency.shape == (10, 10)
+    result = evaluation.main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--dataset",
+                              "demo", "--data-root", tiny_demo, "--json", "--workers", "0"])
+    assert {"accuracy", "macro_f1", "ccc_valence", "ccc_arousal"} <= set(result["metrics"])
+    with pytest.raises(SystemExit, match="no such file"):
+        run_train(tiny_demo, tmp_path / "bad", "--task", "expr_va", "--head", "gcn",
+                  "--node-vectors", str(tmp_path / "glove.840B.300d.txt"))
+
+
+def test_gcn_on_the_demo_learns_both(tmp_path):
+    """The Emotion-GCN head learns the expressions and valence/arousal from scratch."""
+    train.main(["--dataset", "demo", "--task", "expr_va", "--head", "gcn", "--out", str(tmp_path),
+                "--max-steps", "300", "--workers", "0", "--log-interval", "50"])
+    entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    test = next(e for e in entries if e["kind"] == "test")
+    assert test["accuracy"] >= 0.2 and test["ccc_mean"] >= 0.1, test
+
+
 def ddp_worker(rank, world, port, demo_root, out):
     import os as _os
     _os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -1348,7 +1537,8 @@ def test_bench_reports_every_contender():
     assert models_rows[-1]["ratio_vs_torchvision"] == 1.0
     assert models_rows[1]["activation_mib"] < models_rows[2]["activation_mib"]
     hmtl_rows = [r for r in rows if r["part"] == "hmtl"]
-    assert [r["model"] for r in hmtl_rows][0] == "SL" and len(hmtl_rows) == 3
+    assert [r["model"] for r in hmtl_rows] == ["SL", "SL + puzzle", "SL + inpaint (perceptual: backbone)",
+                                               "SL expr_va", "SL expr_va, GCN head"]
     assert hmtl_rows[0]["ratio_vs_sl"] == 1.0 and all(r["images_per_s"] > 0 for r in hmtl_rows)
     data_rows = [r for r in rows if r["part"] == "data"]
     assert len(data_rows) == 5 and data_rows[-1]["ratio_vs_step"] == 1.0

@@ -31,8 +31,11 @@ import models
 # ----------------------------------------------------------------------------------------------
 # Configuration.
 
-MODEL_KEYS = ("dataset", "classes", "task", "arch", "ssl", "view", "grid", "perceptual",
+MODEL_KEYS = ("dataset", "classes", "task", "head", "arch", "ssl", "view", "grid", "perceptual",
               "image_size")  # a checkpoint must agree on these to be resumed
+
+
+VA_DATASETS = ("affectnet", "demo", "affwild2", "affwild2_va")  # those with valence/arousal
 
 
 def parse_args(argv=None):
@@ -46,6 +49,8 @@ def parse_args(argv=None):
     g.add_argument("--classes", type=int, help="protocol: AffectNet 8 or 7")
     g.add_argument("--task", choices=hmtl.TASKS,
                    help="classify, va (valence/arousal), expr_va (both, one head) or pose")
+    g.add_argument("--head", choices=hmtl.HEADS,
+                   help="linear (the encoder's classifier) or gcn (Emotion-GCN; --task expr_va)")
     g.add_argument("--ssl", choices=hmtl.SSL_TASKS, help="the pretext task")
     g.add_argument("--arch", choices=sorted(models.VARIANTS))
     g.add_argument("--init", help="scratch, imagenet, or a checkpoint path (e.g. SSL-pretrained)")
@@ -60,6 +65,10 @@ def parse_args(argv=None):
     g.add_argument("--perceptual-weight", type=float)
     g.add_argument("--regions-per-image", type=int, help="facial regions masked per image")
     g.add_argument("--mask-fill", choices=["zero", "mean"])
+    g.add_argument("--node-vectors", metavar="FILE",
+                   help="GCN head: fixed node embeddings from a GloVe-format word-vector file "
+                        "(default: learnable embeddings)")
+    g.add_argument("--gcn-lr-scale", type=float, help="GCN head's learning rate / --lr")
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--pose-alpha", type=float, help="weight of the angle MSE in the pose loss")
     g.add_argument("--dropout", type=float, help="before the classifier (default B0 0.2, B2 0.3)")
@@ -107,6 +116,8 @@ def resolve_config(args):
         config["task_weight"] = 0.0
     if config["dataset"] in ("300w_lp", "aflw2000", "biwi"):
         config["task"], config["classes"] = "pose", None
+    if config["dataset"] == "affwild2_va":  # the VA challenge's frames: no expression labels
+        config["task"], config["classes"] = "va", None
     config["recipe"] = name
     return config
 
@@ -119,7 +130,7 @@ def check_resumable(checkpoint_config, config, args, path):
                if checkpoint_config.get(k) != config[k]]
     if clashes:
         raise SystemExit(f"error: {path} was trained with {', '.join(clashes)}")
-    resumed = dict(checkpoint_config)
+    resumed = {**hmtl.DEFAULTS, **checkpoint_config}  # settings added since take their defaults
     if args.epochs is not None:
         resumed["epochs"] = args.epochs  # extending a run is allowed
     return resumed
@@ -138,10 +149,17 @@ def autocast_dtype(amp, device):
 
 
 def make_optimizer(model, config, device):
-    """AdamW (or SGD with Nesterov momentum); no weight decay on biases and BN parameters."""
+    """AdamW (or SGD with Nesterov momentum); no weight decay on biases and BN parameters. The
+    GCN head learns at gcn_lr_scale times the rate (hmtl.DEFAULTS says why)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": config["weight_decay"]},
+    graph = {id(p) for p in model.graph_head.parameters()} if model.head == "gcn" else set()
+    groups = [{"params": [p for p in params if p.ndim > 1 and id(p) not in graph],
+               "weight_decay": config["weight_decay"]},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if graph:
+        groups.append({"params": [p for p in params if id(p) in graph],
+                       "weight_decay": config["weight_decay"],
+                       "lr": config["lr"] * config["gcn_lr_scale"]})
     if config["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=config["lr"], momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=config["lr"], fused=device.type == "cuda")
@@ -155,6 +173,24 @@ def warmup_cosine(warmup_steps, total_steps):
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
+
+
+def emotion_graph(config, faces, train_set, checkpoint, log):
+    """The GCN head's label graph and fixed node vectors: from the checkpoint when resuming,
+    else computed from this run's training labels (and read from --node-vectors)."""
+    if config["head"] != "gcn":
+        return None, None
+    if checkpoint is not None:
+        return hmtl.saved_graph(checkpoint["model"])
+    names = faces.classes + hmtl.NODE_NAMES_VA
+    graph = hmtl.emotion_graph(train_set.targets(), train_set.va_targets(), len(faces.classes))
+    log(f"emotion graph from {len(train_set)} training labels: {hmtl.graph_edges(graph, names)}")
+    if config["node_vectors"] is None:
+        return graph, None
+    try:
+        return graph, hmtl.read_node_vectors(config["node_vectors"], names)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def init_weights(model, config):
@@ -273,7 +309,7 @@ def main(argv=None, on_step=None):
         raise SystemExit(f"error: {faces.name} has no training split"
                          + (" (CK+ is evaluated: python eval.py --dataset ckplus --checkpoint ...)"
                             if faces.name == "ckplus" else ""))
-    if config["task"] in ("va", "expr_va") and faces.name not in ("affectnet", "demo"):
+    if config["task"] in ("va", "expr_va") and faces.name not in VA_DATASETS:
         raise SystemExit(f"error: --task {config['task']} needs valence/arousal labels; "
                          f"{faces.name} has none")
     size = config["image_size"]
@@ -306,7 +342,8 @@ def main(argv=None, on_step=None):
     # model, optimiser, schedule; seeded here, so the initial weights do not depend on
     # whatever the data side drew from the global RNG (building a cache, say)
     torch.manual_seed(args.seed + rank)
-    model = hmtl.model_from_config(config, num_classes, weights)
+    graph, node_vectors = emotion_graph(config, faces, train_set, checkpoint, log)
+    model = hmtl.model_from_config(config, num_classes, weights, graph, node_vectors)
     if checkpoint is None:
         init_weights(model, config)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -337,8 +374,8 @@ def main(argv=None, on_step=None):
         augment_rng.set_state(checkpoint["rng"]["augment"])
         log(f"resumed {args.resume}: epoch {epoch + 1}, {batches_done} batches into it, step {step}")
 
-    if args.compile:
-        model.encoder.compile()
+    if args.compile:  # every path (task, pretext, both views) goes through forward_features
+        model.encoder.forward_features = torch.compile(model.encoder.forward_features)
     joint = JointLoss(model)
     if world > 1:
         joint = torch.nn.parallel.DistributedDataParallel(
@@ -464,7 +501,7 @@ def main(argv=None, on_step=None):
             if val_split and main_process:
                 metrics = evaluation.evaluate(model, config, faces, val_split, data_root, device,
                                               config["batch_size"], args.workers)
-                score = evaluation.selection_metric(config["task"], metrics)
+                score = evaluation.selection_metric(config["task"], metrics, faces.name)
                 shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
                 log(f"epoch {finished} validation ({val_split}): {shown}")
                 record({"kind": "val", "epoch": finished, "step": step, "split": val_split,
