@@ -1448,6 +1448,22 @@ def test_gcn_on_the_demo_learns_both(tmp_path):
     assert test["accuracy"] >= 0.2 and test["ccc_mean"] >= 0.1, test
 
 
+def test_compile_reaches_the_pretext_path(tiny_demo, tmp_path, monkeypatch):
+    """--compile compiles forward_features, which the task, the pretext and both views all go
+    through (compiling the encoder's forward would miss the HMTL paths). The eager backend
+    keeps this quick: tracing is what is tested, not code generation."""
+    compiled, calls, real_compile = [], [], torch.compile
+
+    def eager_compile(function, **kwargs):
+        compiled.append(function.__name__)
+        traced = real_compile(function, backend="eager")
+        return lambda *args: calls.append(1) or traced(*args)
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    run_train(tiny_demo, tmp_path / "run", "--ssl", "inpaint", "--compile", "--max-steps", "1",
+              "--no-eval")
+    assert compiled == ["forward_features"] and len(calls) >= 2  # the step and the validation
+
+
 def ddp_worker(rank, world, port, demo_root, out):
     import os as _os
     _os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
