@@ -26,7 +26,8 @@ import ssl_tasks
 
 # ----------------------------------------------------------------------------------------------
 # Task heads. Every task is a linear layer on the pooled feature: the encoder's own classifier
-# (dropout + Linear), sized by task_outputs(). So the exported model is a stock EfficientNet.
+# (dropout + Linear), sized by task_outputs(). So the exported model is a stock EfficientNet
+# (the Emotion-GCN head below computes that layer's weights, and export() writes them into it).
 
 TASKS = ("classify", "va", "expr_va", "pose")
 

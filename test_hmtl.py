@@ -1277,14 +1277,19 @@ def test_train_fraction_and_oversampling(tiny_demo, tmp_path, capsys):
     assert "demo: 16 training samples (Neutral 2, Happy 2," in capsys.readouterr().out
 
 
+def held_out_after_300_demo_steps(out, *flags):
+    """Train on the full demo set with its own recipe for 300 steps; the final test entry."""
+    train.main(["--dataset", "demo", *flags, "--out", str(out), "--max-steps", "300",
+                "--workers", "0", "--log-interval", "50"])
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return next(e for e in entries if e["kind"] == "test")
+
+
 @pytest.mark.parametrize("ssl", ["none", "puzzle", "inpaint"])
 def test_training_on_the_demo_really_learns(ssl, tmp_path):
     """The full demo set (8 expressions, chance 0.125) with its own recipe: after 300 steps
     the held-out accuracy is well above chance, for SL and both HMTL variants."""
-    train.main(["--dataset", "demo", "--ssl", ssl, "--out", str(tmp_path), "--max-steps", "300",
-                "--workers", "0", "--log-interval", "50"])
-    entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    test = next(e for e in entries if e["kind"] == "test")
+    test = held_out_after_300_demo_steps(tmp_path, "--ssl", ssl)
     assert test["samples"] == 400 and test["accuracy"] >= 0.2, test
 
 
@@ -1328,13 +1333,12 @@ def test_expr_va_training_evaluation_prediction_and_features(tiny_demo, tmp_path
         train.main(["--dataset", "fer2013", "--data-root", str(tmp_path), "--task", "expr_va"])
 
 
-def test_expr_va_on_the_demo_learns_both(tmp_path):
+@pytest.mark.parametrize("head", ["linear", "gcn"])
+def test_expr_va_on_the_demo_learns_both(head, tmp_path):
     """The demo's synthetic valence/arousal follow its expressions: after 300 steps both the
-    expression accuracy and the CCC are clearly above chance and 0."""
-    train.main(["--dataset", "demo", "--task", "expr_va", "--out", str(tmp_path),
-                "--max-steps", "300", "--workers", "0", "--log-interval", "50"])
-    entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    test = next(e for e in entries if e["kind"] == "test")
+    expression accuracy and the CCC are clearly above chance and 0, with the linear head and
+    with the Emotion-GCN head, from scratch."""
+    test = held_out_after_300_demo_steps(tmp_path, "--task", "expr_va", "--head", head)
     assert test["accuracy"] >= 0.2 and test["ccc_mean"] >= 0.1, test
 
 
@@ -1437,15 +1441,6 @@ def test_gcn_training_resume_evaluation_and_a_bad_vector_path(tiny_demo, tmp_pat
     with pytest.raises(SystemExit, match="no such file"):
         run_train(tiny_demo, tmp_path / "bad", "--task", "expr_va", "--head", "gcn",
                   "--node-vectors", str(tmp_path / "glove.840B.300d.txt"))
-
-
-def test_gcn_on_the_demo_learns_both(tmp_path):
-    """The Emotion-GCN head learns the expressions and valence/arousal from scratch."""
-    train.main(["--dataset", "demo", "--task", "expr_va", "--head", "gcn", "--out", str(tmp_path),
-                "--max-steps", "300", "--workers", "0", "--log-interval", "50"])
-    entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    test = next(e for e in entries if e["kind"] == "test")
-    assert test["accuracy"] >= 0.2 and test["ccc_mean"] >= 0.1, test
 
 
 def test_compile_reaches_the_pretext_path(tiny_demo, tmp_path, monkeypatch):

@@ -175,7 +175,7 @@ def warmup_cosine(warmup_steps, total_steps):
     return factor
 
 
-def emotion_graph(config, faces, train_set, checkpoint, log):
+def graph_head_inputs(config, faces, train_set, checkpoint, log):
     """The GCN head's label graph and fixed node vectors: from the checkpoint when resuming,
     else computed from this run's training labels (and read from --node-vectors)."""
     if config["head"] != "gcn":
@@ -342,7 +342,7 @@ def main(argv=None, on_step=None):
     # model, optimiser, schedule; seeded here, so the initial weights do not depend on
     # whatever the data side drew from the global RNG (building a cache, say)
     torch.manual_seed(args.seed + rank)
-    graph, node_vectors = emotion_graph(config, faces, train_set, checkpoint, log)
+    graph, node_vectors = graph_head_inputs(config, faces, train_set, checkpoint, log)
     model = hmtl.model_from_config(config, num_classes, weights, graph, node_vectors)
     if checkpoint is None:
         init_weights(model, config)
