@@ -122,7 +122,10 @@ def read_affectnet(root, classes=8):
         raise DatasetError(f"AffectNet: expected Manually_Annotated_file_lists/training.csv "
                            f"(original release) or train_set/annotations/ (later release) "
                            f"below {root}, found neither")
-    return FaceData("affectnet", "classify", AFFECTNET_CLASSES[:classes], splits, skipped, "val")
+    # validation.csv is AffectNet's test set (the official one was never released); a test.csv
+    # beside it (the demo's) is reported on instead, and validation.csv only selects models
+    return FaceData("affectnet", "classify", AFFECTNET_CLASSES[:classes], splits, skipped,
+                    "test" if "test" in splits else "val")
 
 
 def affectnet_protocol(expression, classes):
@@ -139,8 +142,11 @@ def affectnet_protocol(expression, classes):
 def read_affectnet_csv(root, classes):
     lists = os.path.dirname(find(root, "training.csv", "AffectNet"))
     rows = {}
-    for split, filename in (("train", "training.csv"), ("val", "validation.csv")):
+    for split, filename in (("train", "training.csv"), ("val", "validation.csv"),
+                            ("test", "test.csv")):
         path = os.path.join(lists, filename)
+        if split == "test" and not os.path.exists(path):
+            continue  # AffectNet ships no test list; the demo writes one in the same format
         if not os.path.exists(path):
             raise DatasetError(f"AffectNet: expected {path} beside training.csv")
         with open(path, newline="") as f:
@@ -392,7 +398,8 @@ def read_300w_lp(root):
     if find(root, "image0*.jpg", "AFLW2000", required=False):  # optional: training alone is fine
         aflw = read_aflw2000(root)
         splits["test"], skipped["test"] = aflw.splits["test"], aflw.skipped["test"]
-    return FaceData("300w_lp", "pose", None, splits, skipped, "test", margin=0.0)
+    return FaceData("300w_lp", "pose", None, splits, skipped,
+                    "test" if "test" in splits else "val", margin=0.0)
 
 
 def read_aflw2000(root):
@@ -762,9 +769,10 @@ def read_affwild2_affect(path, reasons):
 # fine details (mouth curve and opening, brow height and slant, eye opening, a nose wrinkle, a
 # one-sided smile), under nuisance variation in identity, skin tone, pose, scale, lighting,
 # noise and occlusion. Written once in AffectNet's original layout, so the demo runs the real
-# AffectNet reader, protocol and landmarks included.
+# AffectNet reader, protocol and landmarks included, plus a test.csv in the same format: a
+# held-out split that no model selection sees (validation.csv picks best.pt).
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_DEFAULT_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "hmtl", f"demo-v{DEMO_VERSION}")
 
 # per expression: brow raise, brow slant (inner end up > 0), eye opening, mouth curve (corners
@@ -892,12 +900,13 @@ def demo_face(rng, expression):
     return image, (x0, y0, x1 - x0, y1 - y0), landmarks, float(valence), float(arousal)
 
 
-def make_demo(root=DEMO_DEFAULT_ROOT, train_per_class=300, val_per_class=50, seed=0):
-    """Write the demo set once (AffectNet original layout) and return its root. A finished set
-    is marked by a stamp file; an interrupted write is redone from the start."""
+def make_demo(root=DEMO_DEFAULT_ROOT, train_per_class=300, val_per_class=50, test_per_class=100,
+              seed=0):
+    """Write the demo set once (AffectNet original layout, plus test.csv) and return its root.
+    A finished set is marked by a stamp file; an interrupted write is redone from the start."""
     stamp = os.path.join(root, "demo-complete.json")
     settings = dict(version=DEMO_VERSION, train_per_class=train_per_class,
-                    val_per_class=val_per_class, seed=seed)
+                    val_per_class=val_per_class, test_per_class=test_per_class, seed=seed)
     if os.path.exists(stamp):
         with open(stamp) as f:
             if json.load(f) == settings:
@@ -907,7 +916,8 @@ def make_demo(root=DEMO_DEFAULT_ROOT, train_per_class=300, val_per_class=50, see
     os.makedirs(lists, exist_ok=True)
     index = 0
     for split, per_class, filename in (("train", train_per_class, "training.csv"),
-                                       ("val", val_per_class, "validation.csv")):
+                                       ("val", val_per_class, "validation.csv"),
+                                       ("test", test_per_class, "test.csv")):
         labels = [c for c in range(8) for _ in range(per_class)]
         if split == "train":
             labels += [8] * (per_class // 25)  # a few "None" rows: the 8-class protocol drops them
@@ -965,7 +975,21 @@ def load(name, root=None, classes=None):
     if not any(data.splits.values()):
         raise DatasetError(f"{name}: no usable samples below {root} "
                            f"(skipped: {dict(sum(data.skipped.values(), Counter()))})")
+    if "train" in data.splits and "val" not in data.splits:
+        hold_out_validation(data)
     return data
+
+
+def hold_out_validation(data):
+    """A dataset that ships no validation split (RAF-DB, 300W-LP, a train/test folder): 10 % of
+    train, by a hash of each file's name, becomes "val". Model selection then never sees the
+    test split that the figures are reported on."""
+    def key(sample):
+        return os.path.basename(sample.image) if isinstance(sample.image, str) else repr(sample.box)
+    train = data.splits["train"]
+    data.splits["val"] = [s for s in train if hash_bucket(key(s)) == 0]
+    data.splits["train"] = [s for s in train if hash_bucket(key(s)) != 0]
+    data.skipped["val"] = Counter()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ Protocols:
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -196,6 +197,106 @@ def confusion_png(confusion, classes, path, cell=56):
                            outline=(200, 200, 200))
             draw.text((x + 6, y + cell // 2 - 5), str(confusion[i, j]),
                       fill="white" if rates[i, j] > 0.5 else "black")
+    image.save(path)
+    return path
+
+
+# Charts, drawn with Pillow alone: a run's curves, and bars with error bars for --compare.
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+
+
+def line_panel(draw, box, series, title):
+    """Lines on axes inside `box` (x0, y0, x1, y1): `series` maps a name to [(x, y), ...]. The
+    y axis runs from 0 (or the lowest value, if negative) to the highest value."""
+    x0, y0, x1, y1 = box
+    points = [p for line in series.values() for p in line if math.isfinite(p[1])]
+    draw.text((x0, y0 - 16), title, fill="black")
+    left, bottom = x0 + 44, y1 - 18
+    draw.rectangle([left, y0, x1, bottom], outline="black")
+    if not points:
+        draw.text((left + 8, y0 + 8), "nothing logged yet", fill="black")
+        return
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    low, high = min(0.0, min(ys)), max(ys) if max(ys) > min(0.0, min(ys)) else 1.0
+    first, last = min(xs), max(max(xs), min(xs) + 1)
+
+    def at(x, y):
+        return (left + (x - first) / (last - first) * (x1 - left - 8) + 4,
+                bottom - (y - low) / (high - low) * (bottom - y0 - 8) - 4)
+
+    for fraction in (0.0, 0.5, 1.0):
+        value = low + fraction * (high - low)
+        y = at(first, value)[1]
+        draw.line([left - 3, y, left, y], fill="black")
+        draw.text((x0, y - 6), f"{value:.3g}", fill="black")
+    draw.text((left, bottom + 4), f"epoch {first:g}", fill="black")
+    draw.text((x1 - 60, bottom + 4), f"epoch {last:g}", fill="black")
+    for k, (name, line) in enumerate(series.items()):
+        colour = COLOURS[k % len(COLOURS)]
+        line = [at(x, y) for x, y in line if math.isfinite(y)]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        for x, y in line:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        draw.text((left + 8 + 110 * (k % 4), y0 + 6 + 14 * (k // 4)), name, fill=colour)
+
+
+def curves_png(entries, path, width=720, panel=220):
+    """A run at a glance, from its metrics.jsonl entries: the training loss parts (epoch means)
+    and the validation metrics per epoch. A diverging run shows as a rising loss line."""
+    # a resumed run logs an epoch again: its last entry counts
+    epochs = list({e["epoch"]: e for e in entries if e.get("kind") == "epoch"}.values())
+    vals = list({e["epoch"]: e for e in entries if e.get("kind") == "val"}.values())
+    losses = {k: [(e["epoch"], e[k]) for e in epochs if k in e]
+              for k in dict.fromkeys(k for e in epochs for k in e if k not in ("kind", "epoch", "step"))}
+    shown = [k for k in ("accuracy", "macro_f1", "mae_mean", "ccc_valence", "ccc_arousal")
+             if any(k in e for e in vals)]
+    metrics = {k: [(e["epoch"], e[k]) for e in vals if k in e] for k in shown}
+    image = Image.new("RGB", (width, 2 * panel + 60), "white")
+    draw = ImageDraw.Draw(image)
+    line_panel(draw, (10, 30, width - 10, panel + 10), losses, "training loss (mean per epoch)")
+    line_panel(draw, (10, panel + 50, width - 10, 2 * panel + 50), metrics,
+               f"validation ({vals[0]['split']})" if vals else "validation")
+    image.save(path)
+    return path
+
+
+def bars_png(groups, path, title, ylabel="accuracy", bar=46, height=300):
+    """Grouped bars with error bars: `groups` maps a group name to {bar name: (mean, std)}.
+    The y axis runs from 0 to 1 (accuracies)."""
+    names = list(dict.fromkeys(b for bars in groups.values() for b in bars))
+    group_width = bar * len(names) + 40
+    width = 70 + group_width * len(groups)
+    image = Image.new("RGB", (max(width, 380), height + 90), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 8), title, fill="black")
+    top, bottom, left = 40, 40 + height, 60
+
+    def y_of(value):
+        return bottom - value * height
+
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        draw.line([left - 4, y_of(tick), width - 10, y_of(tick)], fill=(225, 225, 225))
+        draw.text((left - 40, y_of(tick) - 6), f"{tick:.2f}", fill="black")
+    draw.text((4, top - 20), ylabel, fill="black")
+    for g, (group, bars) in enumerate(groups.items()):
+        x = left + 20 + g * group_width
+        draw.text((x, bottom + 24), group, fill="black")
+        for k, name in enumerate(names):
+            if name not in bars:
+                continue
+            mean, std = bars[name]
+            colour = COLOURS[k % len(COLOURS)]
+            bx = x + k * bar
+            draw.rectangle([bx, y_of(mean), bx + bar - 8, bottom], fill=colour)
+            centre = bx + (bar - 8) / 2
+            for y in (y_of(mean - std), y_of(mean + std)):
+                draw.line([centre - 6, y, centre + 6, y], fill="black", width=2)
+            draw.line([centre, y_of(mean - std), centre, y_of(mean + std)], fill="black", width=2)
+            draw.text((bx, y_of(mean + std) - 14), f"{mean:.3f}", fill="black")
+            draw.text((bx, bottom + 6), name, fill=colour)
     image.save(path)
     return path
 

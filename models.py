@@ -189,7 +189,7 @@ class EfficientNet(nn.Module):
     dropout -> linear classifier."""
 
     def __init__(self, width, depth, dropout, num_classes=1000, stochastic_depth=STOCHASTIC_DEPTH,
-                 memory_efficient=False, resolution=None):
+                 memory_efficient=False, resolution=None, zero_init_residual=False):
         super().__init__()
         stages = [(e, k, s, scale_width(i, width), scale_width(o, width), scale_depth(n, depth))
                   for e, k, s, i, o, n in B0_STAGES]
@@ -213,9 +213,9 @@ class EfficientNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout, inplace=True),
                                         nn.Linear(self.num_features, num_classes))
-        self.reset_parameters()
+        self.reset_parameters(zero_init_residual)
 
-    def reset_parameters(self):
+    def reset_parameters(self, zero_init_residual=False):
         # The reference initialisation: He-normal (fan-out) convs, unit BN, small uniform linear.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -229,6 +229,13 @@ class EfficientNet(nn.Module):
                 bound = 1.0 / math.sqrt(m.out_features)
                 nn.init.uniform_(m.weight, -bound, bound)
                 nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            # Goyal et al. 2017 (sec. 5.1), as torchvision's ResNet option of the same name: the
+            # last BN of every residual block starts at zero, so each block starts as the
+            # identity. Not the reference init; HMTL uses it from scratch (hmtl.py says why).
+            for m in self.modules():
+                if isinstance(m, MBConv) and m.use_shortcut:
+                    nn.init.zeros_(m.block[-1][1].weight)
 
     def forward_features(self, x):
         """The last feature map, (N, num_features, H/32, W/32): what decoders and heads use."""

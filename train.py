@@ -86,7 +86,7 @@ def parse_args(argv=None):
                    help="class-weighted loss (n_max/n_c), oversampling (1/n_c), or nothing")
     g.add_argument("--train-fraction", type=float, help="stratified fraction of the training set")
     g = p.add_argument_group("running")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, help="default 0; a resumed run keeps its own")
     add("--out", help="output folder (default: runs/<recipe>)")
     add("--resume", metavar="CKPT", help="continue a run from its last.pt")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -99,6 +99,9 @@ def parse_args(argv=None):
     add("--log-interval", type=int, default=20, help="steps between progress lines")
     add("--max-steps", type=int, help="stop after this many steps in all (smoke tests)")
     add("--no-eval", action="store_true", help="skip the final evaluation")
+    add("--compare", action="store_true",
+        help="the paper's comparison in miniature: SL, puzzle and in-painting on the full and "
+             "a 20%% training set, 3 seeds each; a table, compare.json and compare.png")
     return p.parse_args(argv)
 
 
@@ -264,6 +267,8 @@ def main(argv=None, on_step=None):
     """Train; returns the trained HMTL model (unwrapped). `on_step(step, stop_flag)` is called
     after every step (tests use it to interrupt)."""
     args = parse_args(argv)
+    if args.compare:
+        return compare(argv)
     config = resolve_config(args)
     checkpoint = None
     if args.resume:
@@ -273,6 +278,7 @@ def main(argv=None, on_step=None):
         if "config" not in checkpoint or "batches_done" not in checkpoint:
             raise SystemExit(f"error: {args.resume} is not a train.py checkpoint")
         config = check_resumable(checkpoint["config"], config, args, args.resume)
+    seed = args.seed if args.seed is not None else checkpoint.get("seed", 0) if checkpoint else 0
     data_root = args.data_root if args.data_root is not None else config.get("data_root")
     config["data_root"] = data_root
 
@@ -321,14 +327,15 @@ def main(argv=None, on_step=None):
     if config["train_fraction"] < 1:
         if targets is None:
             raise SystemExit("error: --train-fraction needs class labels to stratify")
-        kept = data.stratified_fraction(targets.numpy(), config["train_fraction"], args.seed)
+        # one fixed subset (drawn with seed 0) for every seed and variant, as the paper's one split
+        kept = data.stratified_fraction(targets.numpy(), config["train_fraction"], 0)
         train_set = data.open_split(faces, "train", size, data_root, config["classes"], kept)
         targets = train_set.targets()
     num_classes = len(faces.classes) if faces.classes else None
     counts = torch.bincount(targets, minlength=num_classes) if targets is not None else None
     weights = hmtl.class_weights(counts) if config["imbalance"] == "weights" and counts is not None else None
     sampler = data.EpochSampler(
-        len(train_set), args.seed,
+        len(train_set), seed,
         data.oversampling_weights(targets) if config["imbalance"] == "oversample" and targets is not None else None,
         rank, world)
     loader = data.make_loader(train_set, config["batch_size"], args.workers, sampler,
@@ -337,11 +344,11 @@ def main(argv=None, on_step=None):
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(train_set)} training samples are fewer than one batch of "
                          f"{config['batch_size']} per process")
-    val_split = "val" if "val" in faces.splits else (faces.eval_split if faces.eval_split != "train" else None)
+    val_split = "val" if faces.splits.get("val") else None  # selection never looks at "test"
 
     # model, optimiser, schedule; seeded here, so the initial weights do not depend on
     # whatever the data side drew from the global RNG (building a cache, say)
-    torch.manual_seed(args.seed + rank)
+    torch.manual_seed(seed + rank)
     graph, node_vectors = graph_head_inputs(config, faces, train_set, checkpoint, log)
     model = hmtl.model_from_config(config, num_classes, weights, graph, node_vectors)
     if checkpoint is None:
@@ -354,9 +361,10 @@ def main(argv=None, on_step=None):
         optimizer, warmup_cosine(int(config["warmup_epochs"] * steps_per_epoch), total_steps))
     dtype = autocast_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    augment_rng = torch.Generator(device).manual_seed(args.seed * 7919 + rank)
+    augment_rng = torch.Generator(device).manual_seed(seed * 7919 + rank)
 
     epoch, batches_done, step, best, nonfinite = 0, 0, 0, -math.inf, 0
+    epoch_sums = {"steps": 0}  # the loss parts summed over this epoch's steps, for curves.png
     if checkpoint is not None:
         if checkpoint.get("num_classes") != num_classes:
             raise SystemExit(f"error: {args.resume} has {checkpoint.get('num_classes')} classes, "
@@ -368,6 +376,7 @@ def main(argv=None, on_step=None):
             scaler.load_state_dict(checkpoint["scaler"])
         epoch, batches_done, step = checkpoint["epoch"], checkpoint["batches_done"], checkpoint["step"]
         best, nonfinite = checkpoint["best"], checkpoint["nonfinite"]
+        epoch_sums = checkpoint.get("epoch_sums", epoch_sums)
         torch.set_rng_state(checkpoint["rng"]["cpu"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
@@ -383,26 +392,35 @@ def main(argv=None, on_step=None):
             find_unused_parameters=config["task_weight"] == 0)
 
     def state(epoch, batches_done):
-        return {"model": model.state_dict(), "config": config, "num_classes": num_classes,
+        return {"model": model.state_dict(), "config": config, "seed": seed,
+                "num_classes": num_classes,
                 "classes": faces.classes, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "epoch": epoch, "batches_done": batches_done, "step": step, "best": best,
-                "nonfinite": nonfinite,
+                "nonfinite": nonfinite, "epoch_sums": epoch_sums,
                 "rng": {"cpu": torch.get_rng_state(), "augment": augment_rng.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
 
     if main_process:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({**config, "run": {k: v for k, v in vars(args).items()
-                                         if k not in hmtl.DEFAULTS}}, f, indent=1)
+            json.dump({**config, "run": {**{k: v for k, v in vars(args).items()
+                                            if k not in hmtl.DEFAULTS}, "seed": seed}}, f, indent=1)
     metrics_file = os.path.join(out, "metrics.jsonl")
 
     def record(entry):
         if main_process:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+
+    def draw_curves():
+        with open(metrics_file) as f:
+            evaluation.curves_png([json.loads(line) for line in f], os.path.join(out, "curves.png"))
+
+    # The ETA is timed from the first progress line on: the first interval also holds the
+    # start-up (data workers, first allocations), which made a 2-minute run's ETA read 2 hours.
+    clock = {"time": None, "step": None}
 
     stop = StopFlag()
     previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -456,32 +474,45 @@ def main(argv=None, on_step=None):
                                          "Lower --lr or check the data.")
                 else:
                     if scaler is not None:
+                        scale_before = scaler.get_scale()
                         scaler.scale(loss).backward()
                         scaler.step(optimizer)
                         scaler.update()
+                        # a step the scaler skipped (inf/NaN gradients) lowers its scale; the
+                        # schedule advances only on steps that updated the weights
+                        updated = scaler.get_scale() >= scale_before
                     else:
                         loss.backward()
                         optimizer.step()
-                    scheduler.step()
+                        updated = True
+                    if updated:
+                        scheduler.step()
                 step += 1
                 batches_done += 1
                 interval["images"] += len(images) * world
                 interval["steps"] += 1
                 if not bad:
+                    epoch_sums["steps"] += 1
                     for key, value in parts.items():
-                        interval["sums"][key] = interval["sums"].get(key, 0.0) + float(value.detach())
+                        value = float(value.detach())
+                        interval["sums"][key] = interval["sums"].get(key, 0.0) + value
+                        epoch_sums[key] = epoch_sums.get(key, 0.0) + value
                 if on_step is not None:
                     on_step(step, stop)
                 last_of_epoch = batches_done == steps_per_epoch
                 if step % args.log_interval == 0 or last_of_epoch:
-                    elapsed = time.perf_counter() - interval["time"]
-                    rate = interval["images"] / max(elapsed, 1e-9)
-                    remaining = (total_steps - step) * elapsed / max(1, interval["steps"])
+                    now = time.perf_counter()
+                    rate = interval["images"] / max(now - interval["time"], 1e-9)
+                    if clock["time"] is None:
+                        clock.update(time=now, step=step)
+                        eta = "ETA --"
+                    else:
+                        per_step = (now - clock["time"]) / (step - clock["step"])
+                        eta = f"ETA {format_duration((total_steps - step) * per_step)}"
                     means = {k: v / max(1, interval["steps"]) for k, v in interval["sums"].items()}
                     shown = " ".join(f"{k} {v:.4f}" for k, v in means.items())
                     log(f"epoch {epoch + 1}/{config['epochs']} step {batches_done}/{steps_per_epoch} "
-                        f"{shown} lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} img/s "
-                        f"ETA {format_duration(remaining)}")
+                        f"{shown} lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} img/s {eta}")
                     record({"kind": "train", "epoch": epoch + 1, "step": step, **means,
                             "lr": scheduler.get_last_lr()[0], "images_per_s": rate})
                     interval = {"time": time.perf_counter(), "images": 0, "sums": {}, "steps": 0}
@@ -493,7 +524,10 @@ def main(argv=None, on_step=None):
                 log(f"stopped at epoch {epoch + 1}, {batches_done} batches in: "
                     f"{os.path.join(out, 'last.pt')} saved; --resume it to continue")
                 return model
-            epoch, batches_done = epoch + 1, 0
+            record({"kind": "epoch", "epoch": epoch + 1, "step": step,
+                    **{k: v / max(1, epoch_sums["steps"]) for k, v in epoch_sums.items()
+                       if k != "steps"}})
+            epoch, batches_done, epoch_sums = epoch + 1, 0, {"steps": 0}
             finished = epoch
             if args.max_steps and step >= args.max_steps:
                 epoch = config["epochs"]  # a smoke run ends here, checkpointed and evaluated
@@ -513,6 +547,7 @@ def main(argv=None, on_step=None):
                 save_atomically(state(epoch, 0), os.path.join(out, "last.pt"))
                 if not val_split:
                     save_atomically(state(epoch, 0), os.path.join(out, "best.pt"))
+                draw_curves()
             barrier()
     finally:
         for s, handler in previous_handlers.items():
@@ -533,6 +568,108 @@ def main(argv=None, on_step=None):
     if world > 1:
         torch.distributed.destroy_process_group()
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's comparison in miniature (its tables 2 and 3): SL against SL + puzzling and
+# SL + in-painting, on the whole training set and on a stratified 20 %, over several seeds.
+# Every variant gets the same recipe, budget and seeds; only --ssl and --train-fraction vary.
+
+COMPARE_VARIANTS = {"SL": "none", "puzzle": "puzzle", "in-painting": "inpaint"}
+COMPARE_DATA = {"full": 1.0, "20 %": 0.2}  # the paper's low-data column: 20 % of the labels
+COMPARE_SEEDS = (0, 1, 2)
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def compare(argv):
+    """Train every (data, variant, seed) cell with train.py's own main, one after another, and
+    report the held-out test accuracy as mean +- std per cell. Each run's output goes to its own
+    folder (train.log, checkpoints, curves); a finished run is read back instead of retrained,
+    and an interrupted one is resumed, so rerunning the command continues where it stopped."""
+    import contextlib
+
+    args = parse_args(argv)
+    given = list(argv if argv is not None else sys.argv[1:])
+    flags = []  # the flags every run gets: all but --compare and --out (the comparison's folder)
+    while given:
+        flag = given.pop(0)
+        if flag == "--out":
+            given.pop(0)
+        elif flag != "--compare" and not flag.startswith("--out="):
+            flags.append(flag)
+    for fixed in ("--ssl", "--seed", "--train-fraction", "--resume", "--recipe"):
+        if any(a == fixed or a.startswith(fixed + "=") for a in flags):
+            raise SystemExit(f"error: --compare sets {fixed} itself; leave it out")
+    out = args.out or os.path.join("runs", f"{args.dataset or 'demo'}-compare")
+    os.makedirs(out, exist_ok=True)
+    cells = [(name, variant, fraction, seed) for name, fraction in COMPARE_DATA.items()
+             for variant in COMPARE_VARIANTS for seed in COMPARE_SEEDS]
+    runs, started = [], time.perf_counter()
+    print(f"comparing {', '.join(COMPARE_VARIANTS)} on {' and '.join(COMPARE_DATA)} of the "
+          f"training set, seeds {', '.join(map(str, COMPARE_SEEDS))}: {len(cells)} runs into {out}",
+          flush=True)
+    for k, (name, variant, fraction, seed) in enumerate(cells, 1):
+        folder = os.path.join(out, f"{COMPARE_VARIANTS[variant]}-{int(fraction * 100)}pct-seed{seed}")
+        result = final_test(folder)
+        began = time.perf_counter()
+        if result is None:
+            run_flags = [*flags, "--ssl", COMPARE_VARIANTS[variant], "--seed", str(seed),
+                         "--train-fraction", str(fraction), "--out", folder]
+            last = os.path.join(folder, "last.pt")
+            if os.path.exists(last):
+                run_flags += ["--resume", last]
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "train.log"), "a") as log_file, \
+                    contextlib.redirect_stdout(log_file):
+                main(run_flags)
+            result = final_test(folder)
+            if result is None:  # Ctrl-C / SIGTERM: the run saved last.pt and returned
+                raise SystemExit(f"stopped in run {k}/{len(cells)} ({folder}); run the same "
+                                 f"command again to continue")
+        runs.append({"data": name, "variant": variant, "seed": seed, "fraction": fraction,
+                     "accuracy": result["accuracy"], "macro_f1": result.get("macro_f1"),
+                     "seconds": round(time.perf_counter() - began, 1), "folder": folder})
+        elapsed = time.perf_counter() - started
+        print(f"[{k}/{len(cells)}] {name:>5} {variant:<12} seed {seed}: test accuracy "
+              f"{result['accuracy']:.4f} ({format_duration(runs[-1]['seconds'])}; "
+              f"{format_duration(elapsed)} so far)", flush=True)
+    table = {name: {variant: mean_std([r["accuracy"] for r in runs
+                                       if r["data"] == name and r["variant"] == variant])
+                    for variant in COMPARE_VARIANTS} for name in COMPARE_DATA}
+    width = max(map(len, COMPARE_VARIANTS))
+    print(f"\ntest accuracy, mean +- std over seeds {', '.join(map(str, COMPARE_SEEDS))}")
+    print(" " * (width + 2) + "".join(f"{name:>18}" for name in COMPARE_DATA))
+    for variant in COMPARE_VARIANTS:
+        print(f"  {variant:<{width}}" + "".join(
+            f"{table[name][variant][0]:>11.4f} +- {table[name][variant][1]:.4f}"[-18:].rjust(18)
+            for name in COMPARE_DATA))
+    summary = {"torch": torch.__version__, "flags": flags, "seeds": list(COMPARE_SEEDS),
+               "data": COMPARE_DATA, "variants": COMPARE_VARIANTS, "runs": runs,
+               "table": {name: {variant: {"mean": m, "std": s} for variant, (m, s) in row.items()}
+                         for name, row in table.items()}}
+    with open(os.path.join(out, "compare.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    evaluation.bars_png(table, os.path.join(out, "compare.png"),
+                        f"{args.dataset or 'demo'}: test accuracy, mean +- std over "
+                        f"{len(COMPARE_SEEDS)} seeds (torch {torch.__version__})")
+    print(f"wrote {os.path.join(out, 'compare.json')} and compare.png", flush=True)
+    return summary
+
+
+def final_test(folder):
+    """The final test entry of a finished run's metrics.jsonl, or None."""
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        tests = [json.loads(line) for line in f if '"kind": "test"' in line]
+    return tests[-1] if tests else None
 
 
 if __name__ == "__main__":
