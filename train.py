@@ -1,6 +1,7 @@
 """Train HMTL: a facial task jointly with a self-supervised pretext task on one encoder.
 
     python train.py --dataset demo --ssl inpaint                     # the demo, on a CPU, minutes
+    python train.py --dataset demo --compare    # SL vs puzzle vs in-painting, full and 20 %, 3 seeds
     python train.py --dataset affectnet --data-root ~/data/AffectNet --ssl inpaint
     python train.py --recipe affectnet8-puzzle-b2 --data-root ~/data/AffectNet
     torchrun --nproc_per_node 8 train.py --recipe affectnet8-inpaint-b0 --data-root ...
@@ -616,11 +617,12 @@ def compare(argv):
           flush=True)
     for k, (name, variant, fraction, seed) in enumerate(cells, 1):
         folder = os.path.join(out, f"{COMPARE_VARIANTS[variant]}-{int(fraction * 100)}pct-seed{seed}")
+        run_flags = [*flags, "--ssl", COMPARE_VARIANTS[variant], "--seed", str(seed),
+                     "--train-fraction", str(fraction), "--out", folder]
+        check_same_settings(folder, resolve_config(parse_args(run_flags)), seed)
         result = final_test(folder)
-        began = time.perf_counter()
+        began, reused = time.perf_counter(), result is not None
         if result is None:
-            run_flags = [*flags, "--ssl", COMPARE_VARIANTS[variant], "--seed", str(seed),
-                         "--train-fraction", str(fraction), "--out", folder]
             last = os.path.join(folder, "last.pt")
             if os.path.exists(last):
                 run_flags += ["--resume", last]
@@ -634,11 +636,12 @@ def compare(argv):
                                  f"command again to continue")
         runs.append({"data": name, "variant": variant, "seed": seed, "fraction": fraction,
                      "accuracy": result["accuracy"], "macro_f1": result.get("macro_f1"),
-                     "seconds": round(time.perf_counter() - began, 1), "folder": folder})
+                     "seconds": None if reused else round(time.perf_counter() - began, 1),
+                     "folder": folder})
         elapsed = time.perf_counter() - started
+        took = "finished earlier" if reused else format_duration(runs[-1]["seconds"])
         print(f"[{k}/{len(cells)}] {name:>5} {variant:<12} seed {seed}: test accuracy "
-              f"{result['accuracy']:.4f} ({format_duration(runs[-1]['seconds'])}; "
-              f"{format_duration(elapsed)} so far)", flush=True)
+              f"{result['accuracy']:.4f} ({took}; {format_duration(elapsed)} so far)", flush=True)
     table = {name: {variant: mean_std([r["accuracy"] for r in runs
                                        if r["data"] == name and r["variant"] == variant])
                     for variant in COMPARE_VARIANTS} for name in COMPARE_DATA}
@@ -660,6 +663,23 @@ def compare(argv):
                         f"{len(COMPARE_SEEDS)} seeds (torch {torch.__version__})")
     print(f"wrote {os.path.join(out, 'compare.json')} and compare.png", flush=True)
     return summary
+
+
+def check_same_settings(folder, config, seed):
+    """A run folder is reused or resumed only if it was trained with the settings this cell asks
+    for (a changed recipe or flag would otherwise mix two experiments in one table)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    differ = [f"{k}={saved.get(k)!r} (now {config[k]!r})" for k in [*hmtl.DEFAULTS, "recipe"]
+              if saved.get(k) != config[k]]
+    if saved.get("run", {}).get("seed") != seed:
+        differ.append(f"seed={saved.get('run', {}).get('seed')!r} (now {seed})")
+    if differ:
+        raise SystemExit(f"error: {folder} was trained with {', '.join(differ)}; move it away "
+                         f"or give --compare another --out")
 
 
 def final_test(folder):
