@@ -87,9 +87,16 @@ def require_dir(path, what):
 
 def find(root, pattern, what, depth=4, required=True):
     """The shallowest match of a glob `pattern` under `root` (archives nest folders
-    differently; never hard-code the depth). If none: one DatasetError line saying what was
-    expected, or None when not `required`."""
+    differently; never hard-code the depth). `root` may also be the matched folder itself: users
+    point --data-root at the folder an archive unpacked to (300W_LP/) or at its parent, and both
+    must work. If none: one DatasetError line saying what was expected, or None when not
+    `required`."""
     require_dir(root, what)
+    root = os.path.normpath(root)
+    itself = [hit for hit in glob.glob(os.path.join(os.path.dirname(root), pattern))
+              if os.path.normpath(hit) == root or os.path.normpath(hit).startswith(root + os.sep)]
+    if itself:
+        return sorted(itself)[0]
     for level in range(depth + 1):
         hits = sorted(glob.glob(os.path.join(root, *["*"] * level, pattern)))
         if hits:
@@ -97,6 +104,25 @@ def find(root, pattern, what, depth=4, required=True):
     if required:
         raise DatasetError(f"{what}: no {pattern} found within {depth} folders below {root}")
     return None
+
+
+def text_lines(path, what):
+    """The lines of a label file, read as bytes and decoded one by one, so that a damaged line
+    (bytes that are not UTF-8) arrives as text with U+FFFD in it, fails its row's checks and is
+    counted, instead of a UnicodeDecodeError ending the run. A file whose first line cannot be
+    decoded is not a label file at all: one DatasetError line naming the file and the byte.
+    CRLF and a UTF-8 byte-order mark are handled here, once for every reader."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f):
+            if number == 0:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise DatasetError(f"{what}: {path} is not a text label file (byte "
+                                       f"0x{raw[error.start]:02x} at offset {error.start} is not "
+                                       f"UTF-8)") from None
+            yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,8 +175,7 @@ def read_affectnet_csv(root, classes):
             continue  # AffectNet ships no test list; the demo writes one in the same format
         if not os.path.exists(path):
             raise DatasetError(f"AffectNet: expected {path} beside training.csv")
-        with open(path, newline="") as f:
-            rows[split] = list(csv.reader(f))
+        rows[split] = list(csv.reader(text_lines(path, "AffectNet")))
     image_root = affectnet_image_root(root, rows)
     splits, skipped = {}, {}
     for split, table in rows.items():
@@ -231,7 +256,7 @@ def read_affectnet_npy(root, classes):
                 expression = int(np.load(os.path.join(annotations, f"{stem}_exp.npy")))
                 valence = float(np.load(os.path.join(annotations, f"{stem}_val.npy")))
                 arousal = float(np.load(os.path.join(annotations, f"{stem}_aro.npy")))
-            except (OSError, ValueError):
+            except (OSError, ValueError, EOFError):
                 reasons["annotation file missing or unreadable"] += 1
                 continue
             reason = affectnet_protocol(expression, classes)
@@ -242,7 +267,7 @@ def read_affectnet_npy(root, classes):
             try:
                 values = np.load(os.path.join(annotations, f"{stem}_lnd.npy")).astype(np.float32)
                 landmarks = values.reshape(68, 2) if values.size == 136 else None
-            except (OSError, ValueError):
+            except (OSError, ValueError, EOFError):
                 pass
             samples.append(Sample(os.path.join(images, name), expression, None, landmarks,
                                   (valence, arousal)))
@@ -265,8 +290,14 @@ def read_ckplus(root, classes=7, neutral_first_frame=None, frames_per_sequence=3
     if classes not in (7, 8):
         raise DatasetError(f"CK+ protocols are 7 or 8 classes, not {classes}")
     neutral = classes == 8 if neutral_first_frame is None else neutral_first_frame
-    emotion_root = os.path.dirname(os.path.dirname(os.path.dirname(
-        find(root, os.path.join("Emotion", "S*", "*", "*_emotion.txt"), "CK+", depth=2))))
+    label_file = find(root, os.path.join("Emotion", "S*", "*", "*_emotion.txt"), "CK+", depth=2,
+                      required=False)
+    if label_file is None:
+        if find(root, os.path.join("[a-z]*", "S*_*_*.png"), "CK+", depth=2, required=False):
+            return read_ckplus48(root, classes, folds)
+        raise DatasetError(f"CK+: expected Emotion/S*/*/*_emotion.txt (the original release) or "
+                           f"CK+48's <emotion>/S*_*_*.png below {root}, found neither")
+    emotion_root = os.path.dirname(os.path.dirname(os.path.dirname(label_file)))
     base = os.path.dirname(emotion_root)
     images_root = os.path.join(base, "cohn-kanade-images")
     require_dir(images_root, "CK+ images (cohn-kanade-images)")
@@ -300,6 +331,37 @@ def read_ckplus(root, classes=7, neutral_first_frame=None, frames_per_sequence=3
     fold_subjects = subject_folds(samples, folds)
     return FaceData("ckplus", "classify", names, {"all": samples}, {"all": reasons}, "all",
                     margin=0.2, folds=fold_subjects)
+
+
+def read_ckplus48(root, classes, folds):
+    """CK+48, the copy of CK+ that most people have: <emotion>/S005_001_00000011.png, 48x48 grey
+    crops of the last 3 frames of each of the 327 labelled sequences, one folder per class, no
+    landmarks and no neutral frames. The subject is the file name's first field, so the folds
+    stay subject-independent."""
+    if classes == 8:
+        raise DatasetError("CK+48 has no neutral frames: use the 7-class protocol (--classes 7)")
+    base = os.path.dirname(os.path.dirname(find(root, os.path.join("[a-z]*", "S*_*_*.png"), "CK+48",
+                                                depth=2)))
+    names = CKPLUS_CODES[1:]
+    samples, reasons = [], Counter()
+    for folder in sorted(os.listdir(base)):
+        path = os.path.join(base, folder)
+        if not os.path.isdir(path):
+            continue
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if folder.lower() not in names:
+            reasons[f"folder {folder!r} is not one of CK+'s 7 emotions"] += len(files)
+            continue
+        for name in files:
+            fields = os.path.splitext(name)[0].split("_")
+            if len(fields) != 3 or not fields[0].startswith("S") or not all(
+                    f.isdigit() for f in (fields[0][1:], fields[1], fields[2])):
+                reasons["file name is not S<subject>_<sequence>_<frame>"] += 1
+                continue
+            samples.append(Sample(os.path.join(path, name), names.index(folder.lower()),
+                                  subject=fields[0]))
+    return FaceData("ckplus", "classify", names, {"all": samples}, {"all": reasons}, "all",
+                    margin=0.0, folds=subject_folds(samples, folds))
 
 
 def read_ckplus_landmarks(base, subject, sequence, frame):
@@ -349,11 +411,16 @@ def read_pose_mat(image_path, test):
         return None, "label .mat missing"
     try:
         mat = load_mat(mat_path)
+    except DatasetError:  # scipy missing: the whole dataset needs it
+        raise
+    except Exception:  # scipy's MatReadError, zlib.error, struct.error, ValueError... on a
+        return None, "unreadable or damaged .mat"  # damaged file: one skip, not the end
+    try:
         pitch, yaw, roll = np.degrees(np.asarray(mat["Pose_Para"], dtype=np.float64).ravel()[:3])
         points = mat["pt3d_68"][:2] if "pt3d_68" in mat else mat["pt2d"]
         points = np.asarray(points, dtype=np.float32).T  # (68, 2)
-    except (KeyError, ValueError, OSError, TypeError):
-        return None, "unreadable .mat"
+    except (KeyError, ValueError, TypeError, IndexError):
+        return None, "unreadable or damaged .mat"
     if max(abs(yaw), abs(pitch), abs(roll)) > POSE_LIMIT:
         return None, f"angle beyond ±{POSE_LIMIT:.0f}°"
     valid = points[(points >= 0).all(1)]  # AFLW2000's pt2d marks invalid points as negative
@@ -410,12 +477,15 @@ def read_aflw2000(root):
 
 
 # BIWI Kinect Head Pose: 01..24/frame_NNNNN_rgb.png + frame_NNNNN_pose.txt (a 3x3 rotation
-# matrix, a blank line, the head centre in mm). The frames are not face crops and the database
-# gives no face box, so the box is the head centre projected with the RGB camera's intrinsics
-# (the folder's rgb.cal when present, else the commonly used fx = fy = 517.679, cx = 320,
-# cy = 240.5), sized for a 240 mm head. Our choice; the depth-to-RGB offset (~25 mm) is ignored.
+# matrix, a blank line, the head centre in mm in the *depth* camera's frame). The frames are not
+# face crops and the database gives no face box, so the box is the head centre projected into
+# the RGB image, sized for a 240 mm head (our choice). Each folder's rgb.cal holds the RGB
+# camera: intrinsics K (3 lines), a blank, the distortion, a blank, the rotation R (3 lines), a
+# blank, the translation T (mm), a blank, the image size. The centre in RGB pixels is
+# K·(R·X + T); ignoring R and T moves it by 10-15 px. Without rgb.cal: the commonly used
+# intrinsics and no depth-to-RGB offset.
 
-BIWI_INTRINSICS = (517.679, 517.679, 320.0, 240.5)
+BIWI_INTRINSICS = np.array([[517.679, 0, 320.0], [0, 517.679, 240.5], [0, 0, 1]])
 BIWI_HEAD_MM = 240.0
 
 
@@ -429,13 +499,42 @@ def rotation_to_angles(rotation):
     return [yaw, pitch, roll]
 
 
+def read_biwi_calibration(folder):
+    """(K, R, T) of the folder's RGB camera from rgb.cal; the defaults when there is none;
+    None when it is there but damaged."""
+    path = os.path.join(folder, "rgb.cal")
+    if not os.path.exists(path):
+        return BIWI_INTRINSICS, np.eye(3), np.zeros(3)
+    try:
+        blocks, block = [], []
+        for line in text_lines(path, "BIWI rgb.cal"):
+            if line.strip():
+                block.append([float(v) for v in line.split()])
+            elif block:
+                blocks.append(block)
+                block = []
+        blocks += [block] if block else []
+        intrinsics, _distortion, rotation, translation = blocks[:4]
+        k, r, t = np.array(intrinsics), np.array(rotation), np.array(translation).ravel()
+        if k.shape != (3, 3) or r.shape != (3, 3) or t.shape != (3,):
+            return None
+        return k, r, t
+    except (ValueError, IndexError, DatasetError):
+        return None
+
+
 def read_biwi(root):
     base = os.path.dirname(os.path.dirname(find(root, os.path.join("[0-2][0-9]", "frame_*_pose.txt"),
                                                 "BIWI", depth=3)))
     samples, reasons = [], Counter()
     for folder in sorted(glob.glob(os.path.join(base, "[0-2][0-9]"))):
-        fx, fy, cx, cy = biwi_intrinsics(folder)
-        for pose_file in sorted(glob.glob(os.path.join(folder, "frame_*_pose.txt"))):
+        pose_files = sorted(glob.glob(os.path.join(folder, "frame_*_pose.txt")))
+        calibration = read_biwi_calibration(folder)
+        if calibration is None:
+            reasons["rgb.cal of the folder damaged (expected K, distortion, R, T)"] += len(pose_files)
+            continue
+        k, r, t = calibration
+        for pose_file in pose_files:
             image = pose_file.replace("_pose.txt", "_rgb.png")
             try:
                 with open(pose_file) as f:
@@ -454,19 +553,15 @@ def read_biwi(root):
             if max(abs(a) for a in angles) > POSE_LIMIT:
                 reasons[f"angle beyond ±{POSE_LIMIT:.0f}°"] += 1
                 continue
-            u, v = fx * centre[0] / centre[2] + cx, fy * centre[1] / centre[2] + cy
-            half = fx * BIWI_HEAD_MM / centre[2] / 2
+            in_rgb = r @ centre + t  # the head centre in the RGB camera's frame, mm
+            if in_rgb[2] <= 0:
+                reasons["head centre behind the RGB camera"] += 1
+                continue
+            u, v, _ = k @ (in_rgb / in_rgb[2])
+            half = k[0, 0] * BIWI_HEAD_MM / in_rgb[2] / 2
             samples.append(Sample(image, angles, (u - half, v - half, u + half, v + half),
                                   subject=os.path.basename(folder)))
     return FaceData("biwi", "pose", None, {"test": samples}, {"test": reasons}, "test", margin=0.0)
-
-
-def biwi_intrinsics(folder):
-    try:
-        k = np.array(open(os.path.join(folder, "rgb.cal")).read().split()[:9], dtype=np.float64)
-        return k[0], k[4], k[2], k[5]
-    except (OSError, ValueError, IndexError):
-        return BIWI_INTRINSICS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,18 +577,16 @@ def read_celeba(root, attribute="Male"):
     attributes_file = find(root, "list_attr_celeba.txt", "CelebA")
     images = os.path.dirname(find(root, os.path.join("img_align_celeba", "*.jpg"), "CelebA"))
     partition_file = find(root, "list_eval_partition.txt", "CelebA")
-    with open(attributes_file) as f:
-        lines = f.read().splitlines()
-    names = lines[1].split()
+    lines = list(text_lines(attributes_file, "CelebA"))
+    names = lines[1].split() if len(lines) > 1 else []
     if attribute not in names:
         raise DatasetError(f"CelebA: no attribute {attribute!r} in {attributes_file}")
     column = names.index(attribute)
     partition = {}
-    with open(partition_file) as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) == 2:
-                partition[parts[0]] = parts[1]
+    for line in text_lines(partition_file, "CelebA"):
+        parts = line.split()
+        if len(parts) == 2:
+            partition[parts[0]] = parts[1]
     split_names = {"0": "train", "1": "val", "2": "test"}
     splits = {s: [] for s in split_names.values()}
     skipped = {s: Counter() for s in split_names.values()}
@@ -551,31 +644,104 @@ def read_utkface(root):
 FER2013_CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
 
 
+def fer2013_rows(path):
+    """Every data row of fer2013.csv in file order (FER+ matches its rows by position, so a
+    damaged row must keep its place): (Usage, emotion, 48x48 pixels), or (Usage, None, the
+    reason the row is unusable)."""
+    rows = csv.DictReader(text_lines(path, "FER2013"))
+    if not {"emotion", "pixels", "Usage"} <= set(rows.fieldnames or ()):
+        raise DatasetError(f"FER2013: {path} does not start with the header emotion,pixels,Usage")
+    for row in rows:
+        usage = (row.get("Usage") or "").strip()
+        try:
+            label = int(row["emotion"])
+            pixels = np.array(row["pixels"].split(), dtype=np.int64)
+        except (ValueError, TypeError, AttributeError):
+            yield usage, None, "malformed row"
+            continue
+        if pixels.size != 48 * 48 or pixels.min() < 0 or pixels.max() > 255:
+            yield usage, None, f"malformed row ({pixels.size} pixels of 0..255, expected 2304)"
+            continue
+        yield usage, label, pixels.astype(np.uint8).reshape(48, 48)
+
+
+FER2013_SPLITS = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
+
+
 def read_fer2013(root):
     path = find(root, "fer2013.csv", "FER2013")
-    split_names = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
-    splits = {s: [] for s in split_names.values()}
-    skipped = {s: Counter() for s in split_names.values()}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            split = split_names.get((row.get("Usage") or "").strip())
-            if split is None:
-                skipped["train"]["unknown Usage"] += 1
-                continue
-            try:
-                label = int(row["emotion"])
-                pixels = np.array(row["pixels"].split(), dtype=np.uint8)
-            except (ValueError, TypeError, AttributeError):
-                skipped[split]["malformed row"] += 1
-                continue
-            if pixels.size != 48 * 48:
-                skipped[split][f"malformed row ({pixels.size} pixels, expected 2304)"] += 1
-                continue
-            if not 0 <= label < 7:
-                skipped[split][f"emotion {label} outside 0..6"] += 1
-                continue
-            splits[split].append(Sample(pixels.reshape(48, 48), label))
+    splits = {s: [] for s in FER2013_SPLITS.values()}
+    skipped = {s: Counter() for s in FER2013_SPLITS.values()}
+    for usage, label, pixels in fer2013_rows(path):
+        split = FER2013_SPLITS.get(usage)
+        if split is None:
+            skipped["train"]["unknown Usage"] += 1
+        elif label is None:
+            skipped[split][pixels] += 1
+        elif not 0 <= label < 7:
+            skipped[split][f"emotion {label} outside 0..6"] += 1
+        else:
+            splits[split].append(Sample(pixels, label))
     return FaceData("fer2013", "classify", FER2013_CLASSES, splits, skipped, "test", margin=0.0)
+
+
+# FER+ (Microsoft's relabelling of FER2013): fer2013new.csv beside fer2013.csv, one row per
+# FER2013 row in the same order (matched by position, there is no key): Usage, Image name, then
+# ten annotators' votes for neutral, happiness, surprise, sadness, anger, disgust, fear,
+# contempt, unknown, NF (not a face). An empty image name marks a row that is not a face.
+
+FERPLUS_CLASSES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
+                   "contempt"]
+
+
+def ferplus_majority(votes):
+    """The "majority" protocol of FER+'s own reference reader: a vote of exactly 1 is an outlier
+    and is zeroed; the row is kept only if its top count is more than half of what remains (so a
+    tie never is), and only if that top is an emotion, not unknown or NF. The class, or the
+    reason for dropping the row."""
+    votes = [0 if v == 1 else v for v in votes]
+    top = max(range(len(votes)), key=votes.__getitem__)
+    if votes[top] * 2 <= sum(votes):
+        return "no majority (after zeroing single votes)"
+    if top >= len(FERPLUS_CLASSES):
+        return "majority unknown" if top == len(FERPLUS_CLASSES) else "majority not a face (NF)"
+    return top
+
+
+def read_ferplus(root):
+    labels = find(root, "fer2013new.csv", "FER+")
+    pixels_file = find(root, "fer2013.csv", "FER+ (the pixels: fer2013.csv beside fer2013new.csv)")
+    faces = list(fer2013_rows(pixels_file))
+    header, *votes = csv.reader(text_lines(labels, "FER+"))
+    if [h.strip() for h in header[:2]] != ["Usage", "Image name"] or len(header) != 12:
+        raise DatasetError(f"FER+: {labels} does not start with the header Usage,Image name,"
+                           f"neutral,...,unknown,NF")
+    if len(votes) != len(faces):
+        raise DatasetError(f"FER+: {labels} has {len(votes)} rows and {pixels_file} {len(faces)}; "
+                           f"they are matched by position, so they must come from one release")
+    splits = {s: [] for s in FER2013_SPLITS.values()}
+    skipped = {s: Counter() for s in FER2013_SPLITS.values()}
+    for (_, fer_label, image), row in zip(faces, votes):
+        split = FER2013_SPLITS.get(row[0].strip() if row else "")
+        if split is None:
+            skipped["train"]["unknown Usage"] += 1
+            continue
+        if len(row) != 12 or not row[1].strip():
+            skipped[split]["no image name (not a face)" if len(row) == 12 else "malformed row"] += 1
+            continue
+        try:
+            label = ferplus_majority([int(v) for v in row[2:]])
+        except ValueError:
+            skipped[split]["malformed row (votes not integers)"] += 1
+            continue
+        if isinstance(label, str):
+            skipped[split][label] += 1
+            continue
+        if fer_label is None:
+            skipped[split][f"fer2013.csv row damaged: {image}"] += 1
+            continue
+        splits[split].append(Sample(image, label))
+    return FaceData("ferplus", "classify", FERPLUS_CLASSES, splits, skipped, "test", margin=0.0)
 
 
 RAFDB_CLASSES = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
@@ -588,23 +754,22 @@ def read_rafdb(root):
     original = os.path.join(basic, "Image", "original")
     splits = {"train": [], "test": []}
     skipped = {s: Counter() for s in splits}
-    with open(labels) as f:
-        for line in f:
-            parts = line.split()
-            if not parts:
-                continue
-            split = "train" if parts[0].startswith("train") else "test"
-            if len(parts) != 2 or not parts[1].isdigit() or not 1 <= int(parts[1]) <= 7:
-                skipped[split]["malformed row or label outside 1..7"] += 1
-                continue
-            stem = os.path.splitext(parts[0])[0]
-            path = os.path.join(aligned, f"{stem}_aligned.jpg")
-            if not os.path.exists(path):
-                path = os.path.join(original, parts[0])
-            if not os.path.exists(path):
-                skipped[split]["image file missing"] += 1
-                continue
-            splits[split].append(Sample(path, int(parts[1]) - 1))
+    for line in text_lines(labels, "RAF-DB basic"):
+        parts = line.split()
+        if not parts:
+            continue
+        split = "train" if parts[0].startswith("train") else "test"
+        if len(parts) != 2 or not parts[1].isdigit() or not 1 <= int(parts[1]) <= 7:
+            skipped[split]["malformed row or label outside 1..7"] += 1
+            continue
+        stem = os.path.splitext(parts[0])[0]
+        path = os.path.join(aligned, f"{stem}_aligned.jpg")
+        if not os.path.exists(path):
+            path = os.path.join(original, parts[0])
+        if not os.path.exists(path):
+            skipped[split]["image file missing"] += 1
+            continue
+        splits[split].append(Sample(path, int(parts[1]) - 1))
     return FaceData("rafdb", "classify", RAFDB_CLASSES, splits, skipped, "test", margin=0.0)
 
 
@@ -631,7 +796,10 @@ def read_folder(root):
                             if f.lower().endswith(IMAGE_EXTENSIONS)]
         splits[split], skipped[split] = samples, Counter()
     if "all" in splits:
-        held = {s.image for s in splits["all"] if hash_bucket(s.image) == 0}
+        # by the path inside the dataset, never the absolute one: a moved or copied folder,
+        # or a second machine, must hold out the same files
+        held = {s.image for s in splits["all"]
+                if hash_bucket(os.path.relpath(s.image, root).replace(os.sep, "/")) == 0}
         splits = {"train": [s for s in splits["all"] if s.image not in held],
                   "val": [s for s in splits["all"] if s.image in held]}
         skipped = {"train": Counter(), "val": Counter()}
@@ -957,7 +1125,7 @@ def read_demo(root=None):
 READERS = {
     "affectnet": read_affectnet, "ckplus": read_ckplus, "300w_lp": read_300w_lp,
     "aflw2000": read_aflw2000, "biwi": read_biwi, "celeba": read_celeba,
-    "utkface": read_utkface, "fer2013": read_fer2013, "rafdb": read_rafdb,
+    "utkface": read_utkface, "fer2013": read_fer2013, "ferplus": read_ferplus, "rafdb": read_rafdb,
     "folder": read_folder, "demo": read_demo, "affwild2": read_affwild2,
     "affwild2_va": functools.partial(read_affwild2, labels="va"),
 }

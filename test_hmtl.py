@@ -6,6 +6,7 @@ EfficientNet is proven against.
 
 import json
 import math
+import shutil
 import signal
 import sys
 import urllib.error
@@ -857,7 +858,7 @@ def test_fer2013_csv(tmp_path):
     assert [len(d.splits[s]) for s in ("train", "val", "test")] == [1, 1, 1]
     assert d.splits["test"][0].target == 6 and d.eval_split == "test"
     assert d.splits["train"][0].image.shape == (48, 48) and d.splits["train"][0].image[0, 5] == 5
-    assert d.skipped["train"] == Counter({"malformed row (2000 pixels, expected 2304)": 1,
+    assert d.skipped["train"] == Counter({"malformed row (2000 pixels of 0..255, expected 2304)": 1,
                                           "emotion 9 outside 0..6": 1})
     item = data.FaceDataset(d, "train", 24)[0]
     assert item["image"].shape == (3, 24, 24)
@@ -887,6 +888,237 @@ def test_rafdb_basic_and_plain_folders(tmp_path):
     folder = data.load("folder", str(own))
     assert folder.classes == ["happy", "sad"] and folder.eval_split == "test"
     assert [s.target for s in folder.splits["train"]] == [0, 1]
+
+
+def write_ckplus48(folder, per_class=None):
+    """CK+48 as it circulates: <emotion>/S005_001_00000011.png, 48x48 grey, the last 3 frames
+    of each labelled sequence; subjects spread over the classes."""
+    per_class = per_class or {"anger": 2, "contempt": 1, "disgust": 1, "fear": 1, "happy": 2,
+                              "sadness": 1, "surprise": 2}
+    subject = 5
+    for emotion, sequences in per_class.items():
+        for sequence in range(1, sequences + 1):
+            for frame in (9, 10, 11):
+                path = folder / emotion / f"S{subject:03d}_{sequence:03d}_{frame:08d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("L", (48, 48), 90 + frame).save(path)
+            subject += 1 if sequence % 2 == 0 else 0
+    return folder
+
+
+def fer2013_line(label, usage, value=7):
+    return f"{label},{' '.join(str((value + v) % 256) for v in range(2304))},{usage}"
+
+
+def write_fer2013(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "fer2013.csv").write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+def write_pose_folder(folder, stems, aflw=False):
+    points = np.stack([np.linspace(20, 60, 68), np.linspace(30, 70, 68)], 1)
+    for stem in stems:
+        write_image(folder / f"{stem}.jpg", (100, 100))
+        pose_mat(folder / f"{stem}.mat", 10, -30, 5, points, aflw=aflw)
+    return folder
+
+
+def write_unpacked(name, parent, request):
+    """A minimal copy of dataset `name` in the folder its archive unpacks to, below `parent`;
+    returns that folder."""
+    if name in ("300w_lp", "aflw2000"):
+        pytest.importorskip("scipy")
+    if name == "affectnet":
+        return request.getfixturevalue("affectnet_root")
+    if name == "ckplus":
+        return request.getfixturevalue("ckplus_root")
+    if name == "affwild2":
+        return request.getfixturevalue("affwild2_root")
+    if name == "ckplus48":
+        return write_ckplus48(parent / "CK+48")
+    if name == "300w_lp":
+        write_pose_folder(parent / "300W_LP" / "AFW", ["AFW_1", "AFW_2"])
+        return write_pose_folder(parent / "300W_LP" / "AFW_Flip", ["AFW_1"]).parent
+    if name == "aflw2000":
+        return write_pose_folder(parent / "AFLW2000", ["image00002", "image00004"], aflw=True)
+    if name == "biwi":
+        folder = parent / "hpdb" / "01"
+        write_image(folder / "frame_00003_rgb.png", (640, 480))
+        (folder / "frame_00003_pose.txt").write_text("1 0 0 \n0 1 0 \n0 0 1 \n\n0 0 1000 \n")
+        return folder.parent
+    if name == "celeba":
+        root = parent / "CelebA"
+        names = [f"attr{k}" for k in range(40)]
+        names[20] = "Male"
+        (root / "Anno").mkdir(parents=True)
+        (root / "Eval").mkdir()
+        (root / "Anno" / "list_attr_celeba.txt").write_text(
+            "1\r\n" + " ".join(names) + "\r\n000001.jpg " + " ".join(["-1"] * 40) + "\r\n")
+        (root / "Eval" / "list_eval_partition.txt").write_text("000001.jpg 0\r\n")
+        write_image(root / "Img" / "img_align_celeba" / "000001.jpg", (178, 218))
+        return root
+    if name == "utkface":
+        return write_image(parent / "UTKFace" / "25_0_1_20170109150557335.jpg.chip.jpg").parent
+    if name == "fer2013":
+        return write_fer2013(parent / "fer2013", [fer2013_line(3, "Training")])
+    if name == "ferplus":
+        folder = write_fer2013(parent / "fer2013", [fer2013_line(3, "Training")])
+        (folder / "fer2013new.csv").write_text(FERPLUS_HEADER + "\nTraining,fer0000000.png,0,9,1,0,0,0,0,0,0,0\n")
+        return folder
+    if name == "rafdb":
+        basic = parent / "basic"
+        (basic / "EmoLabel").mkdir(parents=True)
+        (basic / "EmoLabel" / "list_patition_label.txt").write_text("train_00001.jpg 5\r\ntest_0001.jpg 1\r\n")
+        for stem in ("train_00001", "test_0001"):
+            write_image(basic / "Image" / "aligned" / f"{stem}_aligned.jpg")
+        return basic
+    raise AssertionError(name)
+
+
+FERPLUS_HEADER = "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF"
+
+
+@pytest.mark.parametrize("name", ["affectnet", "ckplus", "ckplus48", "300w_lp", "aflw2000", "biwi",
+                                  "celeba", "utkface", "fer2013", "ferplus", "rafdb", "affwild2"])
+def test_every_dataset_opens_from_its_unpacked_folder_and_from_its_parent(name, tmp_path, request):
+    unpacked = write_unpacked(name, tmp_path, request)
+    assert unpacked.parent == tmp_path
+    reader = "ckplus" if name == "ckplus48" else name
+    from_folder, from_parent = data.load(reader, str(unpacked)), data.load(reader, str(tmp_path))
+    listing = [(split, [s.image if isinstance(s.image, str) else s.image.tobytes() for s in samples])
+               for split, samples in sorted(from_folder.splits.items())]
+    assert any(images for _, images in listing)
+    assert listing == [(split, [s.image if isinstance(s.image, str) else s.image.tobytes()
+                                for s in samples]) for split, samples in sorted(from_parent.splits.items())]
+
+
+def test_ckplus48_reads_as_ckplus_with_subject_independent_folds(tmp_path):
+    root = write_ckplus48(tmp_path / "CK+48")
+    Image.new("L", (48, 48)).save(root / "happy" / "Thumbs.png")   # not a CK+ name
+    write_image(root / "neutral" / "S099_001_00000001.png")        # not one of the 7 folders
+    d = data.load("ckplus", str(root), 7)
+    assert d.classes == ["anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise"]
+    assert d.eval_split == "all" and len(d.splits["all"]) == 30
+    assert Counter(s.target for s in d.splits["all"]) == Counter({0: 6, 1: 3, 2: 3, 3: 3, 4: 6, 5: 3, 6: 6})
+    first = d.splits["all"][0]
+    assert first.subject == "S005" and first.landmarks is None and first.box is None
+    assert d.skipped["all"] == Counter({"file name is not S<subject>_<sequence>_<frame>": 1,
+                                        "folder 'neutral' is not one of CK+'s 7 emotions": 1})
+    folds = data.read_ckplus(str(root), 7, folds=3).folds
+    by_subject = {s.subject for s in d.splits["all"]}
+    assert sorted(sum(folds, [])) == sorted(by_subject)  # every subject in exactly one fold
+    assert data.FaceDataset(d, "all", 32)[0]["image"].shape == (3, 32, 32)
+    with pytest.raises(data.DatasetError, match="CK\\+48 has no neutral frames"):
+        data.load("ckplus", str(root), 8)
+
+
+def test_biwi_boxes_sit_on_the_head_centre_projected_through_rgb_cal(tmp_path):
+    """rgb.cal as BIWI ships it (trailing spaces, blank lines between the blocks): the head
+    centre X (depth camera, mm) lands at K·(R·X + T) in the RGB image."""
+    folder = tmp_path / "hpdb" / "01"
+    write_image(folder / "frame_00003_rgb.png", (640, 480))
+    (folder / "frame_00003_pose.txt").write_text("1 0 0 \n0 1 0 \n0 0 1 \n\n60.5 -35.2 950.0 \n")
+    k = np.array([[517.679, 0, 320.0], [0, 517.679, 240.5], [0, 0, 1]])
+    r = np.array(rotation("y", 2.0)) @ np.array(rotation("x", -1.0))
+    t = np.array([-24.0198, 5.8874, -13.2308])
+    lines = [" ".join(f"{v:g}" for v in row) + " " for row in k] + [""] + ["0 0 0 0 "] + [""]
+    lines += [" ".join(f"{v:.17g}" for v in row) + " " for row in r] + [""]
+    lines += [" ".join(f"{v:g}" for v in t) + " ", "", "640 480 "]
+    (folder / "rgb.cal").write_text("\n".join(lines) + "\n")
+    damaged = tmp_path / "hpdb" / "02"
+    write_image(damaged / "frame_00001_rgb.png", (640, 480))
+    (damaged / "frame_00001_pose.txt").write_text("1 0 0\n0 1 0\n0 0 1\n\n0 0 900\n")
+    (damaged / "rgb.cal").write_text("517.679 0 320\n0 517.679\n")
+    d = data.load("biwi", str(tmp_path / "hpdb"))
+    [sample] = d.splits["test"]
+    centre = r @ np.array([60.5, -35.2, 950.0]) + t
+    u, v = k[0, 0] * centre[0] / centre[2] + k[0, 2], k[1, 1] * centre[1] / centre[2] + k[1, 2]
+    x0, y0, x1, y1 = sample.box
+    assert ((x0 + x1) / 2, (y0 + y1) / 2) == pytest.approx((u, v), abs=1e-6)
+    naive = (517.679 * 60.5 / 950 + 320, 517.679 * -35.2 / 950 + 240.5)  # ignoring R and T
+    assert math.dist(naive, (u, v)) > 10  # the error the extrinsics remove
+    assert x1 - x0 == pytest.approx(517.679 * 240 / centre[2])
+    assert d.skipped["test"] == Counter({"rgb.cal of the folder damaged (expected K, distortion, R, T)": 1})
+
+
+def test_ferplus_majority_protocol_matched_by_position(tmp_path):
+    folder = write_fer2013(tmp_path / "fer2013", [
+        fer2013_line(3, "Training", 1), fer2013_line(0, "Training", 2), fer2013_line(6, "Training", 3),
+        fer2013_line(2, "PublicTest", 4), fer2013_line(1, "PrivateTest", 5),
+        fer2013_line(4, "Training", 6), fer2013_line(5, "Training", 7),
+        "3,1 2 3,Training",                                          # damaged pixel row
+        fer2013_line(3, "PrivateTest", 9)])
+    (folder / "fer2013new.csv").write_text("\r\n".join([
+        FERPLUS_HEADER,
+        "Training,fer0000000.png,1,6,3,0,0,0,0,0,0,0",      # 1 zeroed: happiness 6 of 9 -> kept
+        "Training,,0,0,0,0,0,0,0,0,0,10",                   # empty name: not a face
+        "Training,fer0000002.png,4,4,2,0,0,0,0,0,0,0",      # a tie: no majority
+        "PublicTest,fer0000003.png,0,0,0,0,0,0,0,3,1,0",     # the single unknown is zeroed: contempt
+        "PrivateTest,fer0000004.png,0,0,0,0,0,0,0,0,7,3",    # majority unknown
+        "Training,fer0000005.png,0,0,0,0,0,0,0,0,2,8",       # majority NF
+        "Training,fer0000006.png,2,1,1,1,1,1,1,1,1,0",       # only 2 left after zeroing: kept, neutral
+        "Training,fer0000007.png,0,0,0,0,9,0,0,0,0,1",       # its fer2013.csv row is damaged
+        "PrivateTest,fer0000008.png,0,0,0,0,0,0,8,0,0,2",    # fear
+    ]) + "\r\n")
+    d = data.load("ferplus", str(tmp_path))
+    assert d.classes == data.FERPLUS_CLASSES and d.eval_split == "test"
+    assert [s.target for s in d.splits["train"] + d.splits["val"] + d.splits["test"]] == [1, 0, 7, 6]
+    first = d.splits["train"][0].image
+    assert first.shape == (48, 48) and first[0, :3].tolist() == [1, 2, 3]  # row 1's pixels
+    assert d.splits["test"][0].image[0, 0] == 9                             # row 9's pixels
+    assert d.skipped["train"] == Counter({
+        "no image name (not a face)": 1, "no majority (after zeroing single votes)": 1,
+        "majority not a face (NF)": 1,
+        "fer2013.csv row damaged: malformed row (3 pixels of 0..255, expected 2304)": 1})
+    assert d.skipped["test"] == Counter({"majority unknown": 1})
+    (folder / "fer2013new.csv").write_text(FERPLUS_HEADER + "\nTraining,a.png,0,9,1,0,0,0,0,0,0,0\n")
+    with pytest.raises(data.DatasetError, match="has 1 rows and .* 9; they are matched by position"):
+        data.load("ferplus", str(tmp_path))
+
+
+def test_a_folder_dataset_holds_out_the_same_files_wherever_it_lives(tmp_path):
+    for k in range(60):
+        write_image(tmp_path / "a" / "faces" / ("happy" if k % 2 else "sad") / f"{k:03d}.png", (8, 8))
+    shutil.copytree(tmp_path / "a" / "faces", tmp_path / "elsewhere" / "deeper" / "copy")
+    here = data.load("folder", str(tmp_path / "a" / "faces"))
+    there = data.load("folder", str(tmp_path / "elsewhere" / "deeper" / "copy"))
+    assert here.splits["val"] and [Path(s.image).name for s in here.splits["val"]] == \
+        [Path(s.image).name for s in there.splits["val"]]
+
+
+def test_damaged_label_files_are_counted_or_refused_in_one_line(tmp_path):
+    """A damaged .mat among the pose files is one counted skip; a label file with undecodable
+    bytes loses only the damaged rows; one that is not text at all is refused in one line that
+    names the file and the byte; none of them ends in a traceback."""
+    pytest.importorskip("scipy")
+    aflw = write_pose_folder(tmp_path / "AFLW2000", ["image00002", "image00004", "image00006"], aflw=True)
+    good = (aflw / "image00004.mat").read_bytes()
+    (aflw / "image00004.mat").write_bytes(good[:200] + bytes(b ^ 0xFF for b in good[200:260]) + good[260:])
+    (aflw / "image00006.mat").write_bytes(good[: len(good) // 2])  # truncated
+    d = data.load("aflw2000", str(aflw))
+    assert len(d.splits["test"]) == 1 and d.skipped["test"] == Counter({"unreadable or damaged .mat": 2})
+    folder = write_fer2013(tmp_path / "fer", [fer2013_line(3, "Training"), fer2013_line(4, "PrivateTest")])
+    raw = bytearray((folder / "fer2013.csv").read_bytes())
+    raw[40] = 0xFF  # inside row 1's pixels
+    (folder / "fer2013.csv").write_bytes(bytes(raw))
+    d = data.load("fer2013", str(folder))
+    assert len(d.splits["test"]) == 1 and d.skipped["train"] == Counter({"malformed row": 1})
+    (folder / "fer2013.csv").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(data.DatasetError, match=r"fer2013.csv is not a text label file \(byte 0x89 at offset 0"):
+        data.load("fer2013", str(folder))
+    basic = tmp_path / "basic"
+    write_image(basic / "Image" / "aligned" / "train_00001_aligned.jpg")
+    (basic / "EmoLabel").mkdir(parents=True)
+    (basic / "EmoLabel" / "list_patition_label.txt").write_bytes(b"train_00001.jpg 5\r\ntrain_\xfe0002.jpg 1\r\n")
+    d = data.load("rafdb", str(basic))
+    assert len(d.splits["train"]) + len(d.splits["val"]) == 1
+    assert d.skipped["train"] == Counter({"image file missing": 1})
+    for damage in (b"", b"\x00" * 64, b"garbage,with,commas\n1,2\n"):
+        (folder / "fer2013.csv").write_bytes(damage)
+        with pytest.raises(data.DatasetError) as error:
+            data.load("fer2013", str(folder))
+        assert "\n" not in str(error.value)
 
 
 ABAW_EXPR_HEADER = "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other"
@@ -1648,6 +1880,25 @@ def test_ckplus_nonlinear_evaluation(ckplus_root, tiny_demo, tmp_path):
     assert again["metrics"]["fold_accuracy"] == metrics["fold_accuracy"]  # deterministic
 
 
+
+def test_ckplus48_and_ferplus_train_and_evaluate_with_their_protocols(tiny_demo, tmp_path):
+    root = write_ckplus48(tmp_path / "CK+48")
+    run_train(tiny_demo, tmp_path / "run", "--max-steps", "1", "--no-eval")
+    result = evaluation.main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--dataset",
+                              "ckplus", "--data-root", str(root), "--json"])
+    assert result["metrics"]["samples"] == 30 and result["metrics"]["folds"] == 3  # 3 subjects
+    usages = ["Training"] * 24 + ["PublicTest"] * 8 + ["PrivateTest"] * 8
+    fer = write_fer2013(tmp_path / "fer2013", [fer2013_line(k % 7, u, k) for k, u in enumerate(usages)])
+    votes = [f"{u},fer{k:07d}.png," + ",".join("8" if c == k % 8 else "0" for c in range(8)) + ",0,0"
+             for k, u in enumerate(usages)]
+    (fer / "fer2013new.csv").write_text(FERPLUS_HEADER + "\n" + "\n".join(votes) + "\n")
+    train.main(["--dataset", "ferplus", "--data-root", str(fer), *TINY, "--epochs", "1",
+                "--out", str(tmp_path / "ferplus")])
+    config = json.loads((tmp_path / "ferplus" / "config.json").read_text())
+    tests = [json.loads(line) for line in (tmp_path / "ferplus" / "metrics.jsonl").read_text().splitlines()
+             if '"kind": "test"' in line]
+    assert config["classes"] == 8 and tests[-1]["split"] == "test" and tests[-1]["samples"] == 8
+
 # ----------------------------------------------------------------------------------------------
 # bench.py: the benchmark runs and reports what it promises (its numbers are not tested here).
 
@@ -1675,7 +1926,7 @@ def test_bench_reports_every_contender():
 
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (HERE / "README.md").read_text().splitlines()
-    commands = [line for line in readme[:6] if line.startswith("pip install -r requirements.txt")]
+    commands = [line for line in readme[:6] if line.startswith("pip install -r requirements")]
     assert len(commands) == 2, "the README starts with the two set-up commands"
     assert commands[1] in (HERE / ".ci" / "run").read_text().splitlines()
     assert commands[0].endswith("python train.py --dataset demo --ssl inpaint")
