@@ -20,6 +20,8 @@ Parts (`python bench.py models hmtl`; all by default):
   data     the input pipeline against the B0 training step it feeds: the plain reader
            (decode + crop + strong augmentation per sample, 1 core), the prepared cache (read +
            collate whole batches, 1 core), the strong augmentation batched on the device.
+  fingerprint  the prepared cache's staleness check at AffectNet's 287,651 rows, against the
+           per-row existence check that the reader makes anyway (not in the default parts).
 
 Memory: "activation MiB" is what autograd keeps for backward during one forward pass (the
 dominant, batch-proportional term, measured exactly on any device); "peak MiB" is
@@ -265,6 +267,52 @@ def bench_data(args, device, autocast):
     return rows
 
 
+def bench_fingerprint(args, device, autocast):
+    """The prepared cache's staleness check (data.split_fingerprint: every image's path, size
+    and modification time, plus every label, box, 68 landmarks and valence/arousal) at
+    AffectNet's size: `--fingerprint-images` (default 287,651) files on local disk. Against
+    the check that the reader already makes for every row (os.path.exists), in the same run."""
+    import tempfile
+
+    import numpy as np
+
+    import data
+
+    count = args.fingerprint_images
+    with tempfile.TemporaryDirectory() as root:
+        samples = []
+        for i in range(count):
+            folder = os.path.join(root, f"{i // 1000:03d}")
+            if i % 1000 == 0:
+                os.makedirs(folder)
+            path = os.path.join(folder, f"{i}.jpg")
+            with open(path, "wb") as f:
+                f.write(b"\xff\xd8")
+            samples.append(data.Sample(path, i % 8, (10.0, 20.0, 110.0, 120.0),
+                                       np.full((68, 2), float(i % 97), np.float32), (0.1, -0.2)))
+
+        def exists():
+            start = time.perf_counter()
+            sum(os.path.exists(s.image) for s in samples)
+            return time.perf_counter() - start
+
+        def fingerprint():
+            start = time.perf_counter()
+            data.split_fingerprint(samples, root)
+            return time.perf_counter() - start
+        times = {"exists": [], "fingerprint": []}
+        for _ in range(3):  # interleaved rounds, median
+            times["exists"].append(exists())
+            times["fingerprint"].append(fingerprint())
+    seconds = {k: statistics.median(v) for k, v in times.items()}
+    return [dict(part="fingerprint", arch="-", model=name, images_per_s=count / seconds[key],
+                 seconds=seconds[key], ratio_vs_exists=seconds["exists"] / seconds[key],
+                 ratio_vs_exists_min=seconds["exists"] / seconds[key],
+                 ratio_vs_exists_max=seconds["exists"] / seconds[key], peak_mib=None)
+            for key, name in (("exists", f"os.path.exists per row, {count} rows"),
+                              ("fingerprint", f"data.split_fingerprint, {count} rows"))]
+
+
 def bench_e2e(args, device, autocast):
     """The real training loop (train.py: data + augmentation + joint loss + step + the
     per-epoch validation), SL vs puzzle vs in-painting. CPU: one full demo epoch at 64 px,
@@ -337,6 +385,8 @@ def print_table(rows, baseline):
         if "affectnet_epoch_min" in r:
             print(f"      (loop {r['wall_s']:.0f} s wall; one AffectNet-8 epoch at this rate: "
                   f"{r['affectnet_epoch_min']:.1f} min)")
+        if "seconds" in r:
+            print(f"      ({r['seconds']:.2f} s in all)")
         if "share_of_step" in r:
             print(f"      (strong augmentation takes {100 * r['share_of_step']:.1f} % of a "
                   f"training step's time)")
@@ -356,6 +406,8 @@ def main(argv=None):
     parser.add_argument("--classes", type=int, default=8)
     parser.add_argument("--data-size", type=int, default=224, help="data part: face crop side")
     parser.add_argument("--data-images", type=int, default=256, help="data part: JPEGs written")
+    parser.add_argument("--fingerprint-images", type=int, default=287651,
+                        help="fingerprint part: files written (AffectNet's training rows)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on for CUDA, off for CPU)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -392,7 +444,8 @@ def main(argv=None):
 
 # part name -> (function, the contender the ratios are relative to)
 PARTS = {"models": (bench_models, "torchvision"), "hmtl": (bench_hmtl, "sl"),
-         "data": (bench_data, "step"), "e2e": (bench_e2e, "sl")}
+         "data": (bench_data, "step"), "e2e": (bench_e2e, "sl"),
+         "fingerprint": (bench_fingerprint, "exists")}
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -68,6 +70,9 @@ class FaceData:
     eval_split: str                # the split a paper reports on
     margin: float = 0.1            # face-box margin used when cropping
     folds: list = None             # CK+: the subjects of each cross-validation fold
+    root: str = None               # the --data-root it was read from (set by load)
+    cache_root: str = None         # --cache-dir: where prepared caches go (None: see cache_dir)
+    fingerprints: dict = field(default_factory=dict, repr=False)  # split -> split_fingerprint
 
     def counts(self, split):
         """Samples per class (classification) in `split`."""
@@ -346,7 +351,7 @@ def read_ckplus48(root, classes, folds):
     samples, reasons = [], Counter()
     for folder in sorted(os.listdir(base)):
         path = os.path.join(base, folder)
-        if not os.path.isdir(path):
+        if not os.path.isdir(path) or folder == CACHE_FOLDER:
             continue
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
         if folder.lower() not in names:
@@ -783,7 +788,7 @@ def read_folder(root):
     split_dirs = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
     layout = {s: os.path.join(root, s) for s in split_dirs} or {"all": root}
     classes = sorted({c for d in layout.values() for c in os.listdir(d)
-                      if os.path.isdir(os.path.join(d, c))})
+                      if os.path.isdir(os.path.join(d, c)) and c != CACHE_FOLDER})
     if not classes:
         raise DatasetError(f"image folder: expected class sub-folders in {root}, found none")
     splits, skipped = {}, {}
@@ -941,7 +946,8 @@ def read_affwild2_affect(path, reasons):
 # held-out split that no model selection sees (validation.csv picks best.pt).
 
 DEMO_VERSION = 2
-DEMO_DEFAULT_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "hmtl", f"demo-v{DEMO_VERSION}")
+USER_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "hmtl")
+DEMO_DEFAULT_ROOT = os.path.join(USER_CACHE, f"demo-v{DEMO_VERSION}")
 
 # per expression: brow raise, brow slant (inner end up > 0), eye opening, mouth curve (corners
 # up > 0), mouth opening, mouth width, one-sided corner raise, nose wrinkle; then valence,
@@ -1131,15 +1137,16 @@ READERS = {
 }
 
 
-def load(name, root=None, classes=None):
+def load(name, root=None, classes=None, cache_root=None):
     """FaceData for dataset `name` under `root`. `classes` picks the protocol where a dataset
-    has several (AffectNet 8/7, CK+ 7/8)."""
+    has several (AffectNet 8/7, CK+ 7/8); `cache_root` is where its prepared caches live."""
     if name not in READERS:
         raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(READERS)}")
     if root is None and name != "demo":
         raise DatasetError(f"--data-root is required for {name}")
     kwargs = {"classes": classes} if classes is not None and name in ("affectnet", "ckplus") else {}
     data = READERS[name](root, **kwargs)
+    data.root, data.cache_root = root or DEMO_DEFAULT_ROOT, cache_root
     if not any(data.splits.values()):
         raise DatasetError(f"{name}: no usable samples below {root} "
                            f"(skipped: {dict(sum(data.skipped.values(), Counter()))})")
@@ -1275,18 +1282,101 @@ def collate(items):
 # The prepared cache: every face decoded, cropped and resized once, into a uint8 array on disk
 # (memory-mapped when read). Training reads whole batches from it: no JPEG decoding per epoch.
 
-def cache_dir(data_root, name, size, classes=None):
+CACHE_FOLDER = "hmtl_cache"  # inside a data root: the folder readers never take for data
+
+
+class StaleCache(DatasetError):
+    """The prepared cache was built from other data than the reader sees now."""
+
+
+def writable(folder):
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def cache_dir(data_root, name, size, classes=None, cache_root=None):
+    """Where the prepared cache of one dataset at one size lives: under --cache-dir when given;
+    else <data-root>/hmtl_cache; else, for a dataset folder that cannot be written (a shared
+    mount, a container volume), under ~/.cache/hmtl/prepared/, one folder per dataset root."""
     tag = f"{name}-{classes}c-{size}px" if classes else f"{name}-{size}px"
-    return os.path.join(data_root or DEMO_DEFAULT_ROOT, "hmtl_cache", tag)
+    root = os.path.abspath(data_root or DEMO_DEFAULT_ROOT)
+    if cache_root is None:
+        cache_root = os.path.join(root, CACHE_FOLDER)
+        if not os.path.isdir(cache_root) and not writable(root):
+            cache_root = os.path.join(USER_CACHE, "prepared",
+                                      hashlib.md5(root.encode()).hexdigest()[:12])
+    return os.path.join(cache_root, tag)
+
+
+def split_fingerprint(samples, data_root):
+    """What a split of the cache was built from: every sample's image (its path inside the
+    dataset, size and modification time; or its pixels), label, box, landmarks and valence/
+    arousal, in order. Any added, removed, relabelled or replaced image changes it; moving the
+    whole dataset folder does not."""
+    digest = hashlib.blake2b(digest_size=16)
+    root = os.path.abspath(data_root or DEMO_DEFAULT_ROOT)
+    for sample in samples:
+        if isinstance(sample.image, str):
+            try:
+                stat = os.stat(sample.image)
+                size, mtime = stat.st_size, stat.st_mtime_ns
+            except OSError:
+                size = mtime = -1
+            digest.update(f"{os.path.relpath(sample.image, root)}|{size}|{mtime}|".encode())
+        else:
+            digest.update(np.ascontiguousarray(sample.image).tobytes())
+        digest.update(repr((sample.target, sample.box, sample.va, sample.subject)).encode())
+        if sample.landmarks is not None:
+            digest.update(np.ascontiguousarray(sample.landmarks, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint_of(data, split, data_root):
+    """split_fingerprint, computed once per split of a FaceData."""
+    if split not in data.fingerprints:
+        data.fingerprints[split] = split_fingerprint(data.splits[split], data_root)
+    return data.fingerprints[split]
+
+
+def cache_changes(directory, data, data_root, splits=None):
+    """[] when the cache at `directory` was built from the data as it is now; else one phrase
+    per changed split."""
+    with open(os.path.join(directory, "meta.json")) as f:
+        meta = json.load(f)
+    changes = []
+    for split in splits or sorted(set(data.splits) | set(meta["splits"])):
+        then = meta["splits"].get(split, {})
+        if split not in data.splits:
+            changes.append(f"{split} is gone")
+        elif "fingerprint" not in then:
+            changes.append(f"{split} was not in the cache, or the cache predates fingerprints")
+        elif then["fingerprint"] != fingerprint_of(data, split, data_root):
+            listed, now = then.get("listed"), len(data.splits[split])
+            changes.append(f"{split} had {listed} samples, now {now}" if listed != now else
+                           f"{split}: labels or image files changed ({now} samples)")
+    return changes
 
 
 def prepare(data, data_root, size, workers=None, classes=None, progress=print):
     """Write every split of `data` into the cache (atomically: a temporary folder, then a
     rename, so an interrupted run leaves no half cache behind and can simply be rerun).
-    Images that fail to load are skipped and counted in the cache's metadata."""
-    target = cache_dir(data_root, data.name, size, classes)
+    Images that fail to load are skipped and counted in the cache's metadata. A cache built
+    from other data (changed labels, added or replaced images) is rebuilt."""
+    target = cache_dir(data_root, data.name, size, classes, data.cache_root)
     if os.path.exists(os.path.join(target, "meta.json")):
-        return target
+        changes = cache_changes(target, data, data_root)
+        if not changes:
+            return target
+        progress(f"prepare {data.name}: the data changed since the cache was built "
+                 f"({'; '.join(changes)}); rebuilding {target}")
+    elif not target.startswith(os.path.join(os.path.abspath(data_root or DEMO_DEFAULT_ROOT), "")) \
+            and data.cache_root is None:
+        print(f"note: {data_root} is not writable; the prepared cache goes to {target} "
+              f"(--cache-dir chooses another place)", file=sys.stderr)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
     temporary = target + f".partial-{os.getpid()}"
     os.makedirs(temporary, exist_ok=True)
     meta = {"dataset": data.name, "size": size, "task": data.task, "classes": data.classes,
@@ -1324,12 +1414,20 @@ def prepare(data, data_root, size, workers=None, classes=None, progress=print):
                  target=np.array(targets, dtype=np.float32 if data.task == "pose" else np.int64),
                  va=np.array([samples[i].va or (-2.0, -2.0) for i in kept], np.float32),
                  subject=np.array([samples[i].subject or "" for i in kept]))
-        meta["splits"][split] = {"samples": int(len(kept)), "skipped": dict(errors)}
+        meta["splits"][split] = {"samples": int(len(kept)), "skipped": dict(errors), "listed": n,
+                                 "fingerprint": fingerprint_of(data, split, data_root)}
     with open(os.path.join(temporary, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    if os.path.exists(target):  # another process finished first: keep theirs
-        return target
-    os.replace(temporary, target)
+    if os.path.exists(os.path.join(target, "meta.json")):
+        if not cache_changes(target, data, data_root):
+            shutil.rmtree(temporary)  # another process finished the same cache first: keep theirs
+            return target
+        stale = target + f".stale-{os.getpid()}"
+        os.replace(target, stale)  # two renames: a reader never sees half of either
+        os.replace(temporary, target)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(temporary, target)
     return target
 
 
@@ -1378,13 +1476,27 @@ def identity_collate(batch):
     return batch
 
 
+def check_cache(data, size, data_root, classes=None, splits=None):
+    """Raise StaleCache, saying what changed and how to rebuild, when a prepared cache exists
+    for `data` at `size` but was built from other data than the reader sees now."""
+    directory = cache_dir(data_root, data.name, size, classes, data.cache_root)
+    if not os.path.exists(os.path.join(directory, "meta.json")):
+        return None
+    changes = cache_changes(directory, data, data_root, splits)
+    if changes:
+        raise StaleCache(f"the prepared cache {directory} is stale ({'; '.join(changes)}): rebuild "
+                         f"it with --prepare, or python data.py prepare --dataset {data.name} "
+                         f"--data-root {data_root} --size {size}")
+    return directory
+
+
 def open_split(data, split, size, data_root, classes=None, indices=None):
     """The prepared cache of `split` when there is one (python data.py prepare), else the
-    plain reader, which decodes every image on the fly."""
-    directory = cache_dir(data_root, data.name, size, classes)
-    if os.path.exists(os.path.join(directory, "meta.json")):
-        return CachedDataset(directory, split, indices)
-    return FaceDataset(data, split, size, indices)
+    plain reader, which decodes every image on the fly. A cache built from other data than the
+    reader sees now is never used: StaleCache says what changed and how to rebuild."""
+    directory = check_cache(data, size, data_root, classes, [split])
+    return FaceDataset(data, split, size, indices) if directory is None else \
+        CachedDataset(directory, split, indices)
 
 
 def make_loader(dataset, batch_size, workers=0, sampler=None, drop_last=False, pin_memory=False):
@@ -1653,10 +1765,12 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=224, help="prepare: face crop side in pixels")
     parser.add_argument("--workers", type=int, help="prepare: decoding processes")
     parser.add_argument("--verify", action="store_true", help="summary: decode every image")
+    parser.add_argument("--cache-dir", help="prepare: where the cache goes (default: "
+                                            "<data-root>/hmtl_cache, or ~/.cache/hmtl/prepared/)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
-        data = load(args.dataset, args.data_root, args.classes)
+        data = load(args.dataset, args.data_root, args.classes, args.cache_dir)
         if args.command == "summary":
             report = summarize(data, args.verify)
             print(json.dumps(report, indent=1)) if args.json else print_summary(report)

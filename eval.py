@@ -504,6 +504,7 @@ def main(argv=None):
     parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint (best.pt)")
     parser.add_argument("--dataset", choices=list(data.READERS))
     parser.add_argument("--data-root")
+    parser.add_argument("--cache-dir", help="where the prepared caches are, if not in the data root")
     parser.add_argument("--classes", type=int, help="protocol: AffectNet 8|7, CK+ 7|8")
     parser.add_argument("--split", help="default: the split the paper reports on")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -537,8 +538,9 @@ def main(argv=None):
                 print(f"{p}: {label}" + (f"  ({top})" if model.task == "classify" else ""))
     if args.dataset:
         try:
-            faces = data.load(args.dataset, args.data_root,
-                              args.classes or (config.get("classes") if args.dataset == config["dataset"] else None))
+            classes = args.classes or (config.get("classes") if args.dataset == config["dataset"] else None)
+            faces = data.load(args.dataset, args.data_root, classes, args.cache_dir)
+            data.check_cache(faces, config["image_size"], args.data_root, config.get("classes"))
         except data.DatasetError as err:
             raise SystemExit(f"error: {err}") from None
         split = args.split or faces.eval_split

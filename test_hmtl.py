@@ -6,6 +6,7 @@ EfficientNet is proven against.
 
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -1260,6 +1261,67 @@ def test_prepared_cache_matches_the_plain_reader_and_is_atomic(affectnet_root):
     assert sorted(torch.cat([b["target"] for b in loader]).tolist()) == sorted(plain["target"].tolist())
 
 
+def write_faces_folder(root, first, count):
+    for k in range(first, first + count):
+        write_image(root / ("happy" if k % 2 else "sad") / f"{k:03d}.png", (16, 16), (k, 2 * k, 90))
+
+
+def test_a_changed_dataset_never_trains_on_its_stale_cache(tmp_path, capsys):
+    """Reproduces the report: a folder dataset prepared with 20 images, then 30 more added.
+    Training stops in one line saying what changed and how to rebuild; --prepare rebuilds; a
+    replaced image or a moved folder are told apart."""
+    root = tmp_path / "faces"
+    write_faces_folder(root, 0, 20)
+    flags = ["--dataset", "folder", "--data-root", str(root), "--image-size", "16", "--batch-size",
+             "4", "--workers", "0", "--max-steps", "1", "--no-eval", "--out", str(tmp_path / "run")]
+    train.main([*flags, "--prepare"])
+    before = data.load("folder", str(root))
+    write_faces_folder(root, 20, 30)
+    now = data.load("folder", str(root))
+    with pytest.raises(SystemExit) as stop:
+        train.main(flags)
+    message = str(stop.value)
+    assert "\n" not in message and "is stale" in message and "--prepare" in message
+    assert f"train had {len(before.splits['train'])} samples, now {len(now.splits['train'])}" in message
+    train.main([*flags, "--prepare"])
+    cache = data.check_cache(now, 16, str(root), 8)  # the run's cache (its config says 8 classes)
+    assert json.loads(Path(cache, "meta.json").read_text())["splits"]["train"]["samples"] == len(now.splits["train"])
+    assert data.load("folder", str(root)).classes == ["happy", "sad"]  # the cache is no class
+    # the same files, one replaced by another picture of the same name
+    victim = now.splits["train"][0].image
+    os.utime(victim, ns=(0, 0))
+    with pytest.raises(data.StaleCache, match="train: labels or image files changed"):
+        data.open_split(data.load("folder", str(root)), "train", 16, str(root), 8)
+    # the whole folder moved: the cache inside it stays valid
+    data.prepare(data.load("folder", str(root)), str(root), 16, workers=0, classes=8,
+                 progress=lambda line: None)
+    moved = tmp_path / "elsewhere" / "faces"
+    moved.parent.mkdir()
+    os.rename(root, moved)
+    assert isinstance(data.open_split(data.load("folder", str(moved)), "train", 16, str(moved), 8),
+                      data.CachedDataset)
+
+
+def test_a_read_only_dataset_root_gets_its_cache_elsewhere(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "mount" / "faces"
+    write_faces_folder(root, 0, 12)
+    if os.geteuid() != 0:  # root ignores permissions: there only the check is replaced
+        os.chmod(root, 0o555)
+    monkeypatch.setattr(data, "writable", lambda folder: Path(folder) != root)
+    monkeypatch.setattr(data, "USER_CACHE", str(tmp_path / "home-cache"))
+    faces = data.load("folder", str(root))
+    directory = data.prepare(faces, str(root), 16, workers=0, progress=lambda line: None)
+    assert directory.startswith(str(tmp_path / "home-cache" / "prepared")) and not (root / "hmtl_cache").exists()
+    assert "is not writable; the prepared cache goes to" in capsys.readouterr().err
+    assert isinstance(data.open_split(data.load("folder", str(root)), "train", 16, str(root)), data.CachedDataset)
+    chosen = data.main(["prepare", "--dataset", "folder", "--data-root", str(root), "--size", "16",
+                        "--workers", "0", "--cache-dir", str(tmp_path / "chosen")])
+    assert chosen == str(tmp_path / "chosen" / "folder-16px")
+    assert isinstance(data.open_split(data.load("folder", str(root), cache_root=str(tmp_path / "chosen")),
+                                      "val", 16, str(root)), data.CachedDataset)
+    os.chmod(root, 0o755)
+
+
 def test_augment_none_is_normalisation_and_flips_move_labels():
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
     plain, _, _ = data.augment(images, "none", flip=False)
@@ -1903,9 +1965,9 @@ def test_ckplus48_and_ferplus_train_and_evaluate_with_their_protocols(tiny_demo,
 # bench.py: the benchmark runs and reports what it promises (its numbers are not tested here).
 
 def test_bench_reports_every_contender():
-    rows = bench.main(["models", "hmtl", "data", "--arch", "b0", "--size", "32", "--batch", "2",
-                       "--steps", "1", "--rounds", "1", "--data-size", "32",
-                       "--data-images", "4", "--json"])
+    rows = bench.main(["models", "hmtl", "data", "fingerprint", "--arch", "b0", "--size", "32",
+                       "--batch", "2", "--steps", "1", "--rounds", "1", "--data-size", "32",
+                       "--data-images", "4", "--fingerprint-images", "20", "--json"])
     models_rows = [r for r in rows if r["part"] == "models"]
     assert [r["model"] for r in models_rows] == ["hand-written", "hand-written, memory_efficient",
                                                  "torchvision"]
@@ -1919,6 +1981,9 @@ def test_bench_reports_every_contender():
     data_rows = [r for r in rows if r["part"] == "data"]
     assert len(data_rows) == 5 and data_rows[-1]["ratio_vs_step"] == 1.0
     assert 0 < data_rows[3]["share_of_step"] == pytest.approx(1 / data_rows[3]["ratio_vs_step"])
+    check = [r for r in rows if r["part"] == "fingerprint"]
+    assert [r["model"] for r in check] == ["os.path.exists per row, 20 rows", "data.split_fingerprint, 20 rows"]
+    assert check[0]["ratio_vs_exists"] == 1.0 and check[1]["seconds"] > 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -96,7 +96,10 @@ def parse_args(argv=None):
         help="autocast: auto = bf16 on CUDA where supported, else fp16; off on the CPU")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     add("--compile", action="store_true", help="torch.compile the encoder")
-    add("--prepare", action="store_true", help="build the prepared cache first if missing")
+    add("--prepare", action="store_true",
+        help="build the prepared cache first if missing, rebuild it if the data changed")
+    add("--cache-dir", help="where prepared caches go (default: <data-root>/hmtl_cache, or "
+                            "~/.cache/hmtl/prepared/ when the data root is read-only)")
     add("--log-interval", type=int, default=20, help="steps between progress lines")
     add("--max-steps", type=int, help="stop after this many steps in all (smoke tests)")
     add("--no-eval", action="store_true", help="skip the final evaluation")
@@ -309,7 +312,7 @@ def main(argv=None, on_step=None):
 
     # data
     try:
-        faces = data.load(config["dataset"], data_root, config["classes"])
+        faces = data.load(config["dataset"], data_root, config["classes"], args.cache_dir)
     except data.DatasetError as err:
         raise SystemExit(f"error: {err}") from None
     if "train" not in faces.splits:
@@ -323,6 +326,10 @@ def main(argv=None, on_step=None):
     if (args.prepare or faces.name == "demo") and main_process:
         data.prepare(faces, data_root, size, args.workers, config["classes"], progress=lambda line: None)
     barrier()
+    try:  # every split, before any work: a stale cache must never be trained or scored on
+        data.check_cache(faces, size, data_root, config["classes"])
+    except data.StaleCache as err:
+        raise SystemExit(f"error: {err}") from None
     train_set = data.open_split(faces, "train", size, data_root, config["classes"])
     targets = train_set.targets()
     if config["train_fraction"] < 1:
