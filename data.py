@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import models
+import ssl_tasks
 
 # ----------------------------------------------------------------------------------------------
 # What a reader produces.
@@ -70,6 +71,7 @@ class FaceData:
     eval_split: str                # the split a paper reports on
     margin: float = 0.1            # face-box margin used when cropping
     folds: list = None             # CK+: the subjects of each cross-validation fold
+    region_layout: dict = None     # where the facial parts sit in crops without landmarks
     root: str = None               # the --data-root it was read from (set by load)
     cache_root: str = None         # --cache-dir: where prepared caches go (None: see cache_dir)
     fingerprints: dict = field(default_factory=dict, repr=False)  # split -> split_fingerprint
@@ -366,7 +368,7 @@ def read_ckplus48(root, classes, folds):
             samples.append(Sample(os.path.join(path, name), names.index(folder.lower()),
                                   subject=fields[0]))
     return FaceData("ckplus", "classify", names, {"all": samples}, {"all": reasons}, "all",
-                    margin=0.0, folds=subject_folds(samples, folds))
+                    margin=0.0, folds=subject_folds(samples, folds), region_layout=TIGHT_CROP_LAYOUT)
 
 
 def read_ckplus_landmarks(base, subject, sequence, frame):
@@ -611,7 +613,30 @@ def read_celeba(root, attribute="Male"):
             skipped[split]["image file missing"] += 1
             continue
         splits[split].append(Sample(path, 1 if parts[column + 1] == "1" else 0, CELEBA_BOX))
-    return FaceData("celeba", "classify", CELEBA_CLASSES, splits, skipped, "test", margin=0.0)
+    points = celeba_mean_five_points(root)
+    layout = ssl_tasks.five_point_layout([(x - CELEBA_BOX[0], y - CELEBA_BOX[1]) for x, y in points],
+                                         CELEBA_BOX[2] - CELEBA_BOX[0], CELEBA_BOX[3] - CELEBA_BOX[1])
+    return FaceData("celeba", "classify", CELEBA_CLASSES, splits, skipped, "test", margin=0.0,
+                    region_layout=layout)
+
+
+def celeba_mean_five_points(root):
+    """The mean of CelebA's own five points per aligned image (list_landmarks_align_celeba.txt:
+    a count, the names lefteye_x ... rightmouth_y, then one row per image; image-left eye
+    first); the approximate means when the file is not there."""
+    path = find(root, "list_landmarks_align_celeba.txt", "CelebA", required=False)
+    rows = []
+    for line in text_lines(path, "CelebA") if path else ():
+        parts = line.split()
+        if len(parts) == 11:
+            try:
+                rows.append([float(v) for v in parts[1:]])
+            except ValueError:
+                pass  # the header, or a damaged row: the mean is over the rest
+    if not rows:
+        return CELEBA_MEAN_FIVE_POINTS
+    mean = np.mean(rows, 0)
+    return [(mean[2 * k], mean[2 * k + 1]) for k in range(5)]
 
 
 UTKFACE_CLASSES = ["male", "female"]
@@ -639,7 +664,8 @@ def read_utkface(root):
             skipped[split]["file name is not age_gender_race_datetime"] += 1
             continue
         splits[split].append(Sample(os.path.join(folder, name), int(fields[1])))
-    return FaceData("utkface", "classify", UTKFACE_CLASSES, splits, skipped, "test", margin=0.0)
+    return FaceData("utkface", "classify", UTKFACE_CLASSES, splits, skipped, "test", margin=0.0,
+                    region_layout=UTKFACE_LAYOUT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -687,7 +713,8 @@ def read_fer2013(root):
             skipped[split][f"emotion {label} outside 0..6"] += 1
         else:
             splits[split].append(Sample(pixels, label))
-    return FaceData("fer2013", "classify", FER2013_CLASSES, splits, skipped, "test", margin=0.0)
+    return FaceData("fer2013", "classify", FER2013_CLASSES, splits, skipped, "test", margin=0.0,
+                    region_layout=TIGHT_CROP_LAYOUT)
 
 
 # FER+ (Microsoft's relabelling of FER2013): fer2013new.csv beside fer2013.csv, one row per
@@ -746,7 +773,8 @@ def read_ferplus(root):
             skipped[split][f"fer2013.csv row damaged: {image}"] += 1
             continue
         splits[split].append(Sample(image, label))
-    return FaceData("ferplus", "classify", FERPLUS_CLASSES, splits, skipped, "test", margin=0.0)
+    return FaceData("ferplus", "classify", FERPLUS_CLASSES, splits, skipped, "test", margin=0.0,
+                    region_layout=TIGHT_CROP_LAYOUT)
 
 
 RAFDB_CLASSES = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
@@ -775,7 +803,8 @@ def read_rafdb(root):
             skipped[split]["image file missing"] += 1
             continue
         splits[split].append(Sample(path, int(parts[1]) - 1))
-    return FaceData("rafdb", "classify", RAFDB_CLASSES, splits, skipped, "test", margin=0.0)
+    return FaceData("rafdb", "classify", RAFDB_CLASSES, splits, skipped, "test", margin=0.0,
+                    region_layout=ALIGNED_LAYOUT)
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -890,8 +919,10 @@ def read_affwild2(root, labels="expr"):
                                       va=None if isinstance(va, str) else va, subject=video))
         splits[split], skipped[split] = samples, reasons
     if labels == "va":
-        return FaceData("affwild2_va", "va", None, splits, skipped, "val", margin=0.0)
-    return FaceData("affwild2", "classify", classes, splits, skipped, "val", margin=0.0)
+        return FaceData("affwild2_va", "va", None, splits, skipped, "val", margin=0.0,
+                        region_layout=ALIGNED_LAYOUT)
+    return FaceData("affwild2", "classify", classes, splits, skipped, "val", margin=0.0,
+                    region_layout=ALIGNED_LAYOUT)
 
 
 def read_affwild2_expressions(path, classes, reasons):
@@ -1127,6 +1158,60 @@ def read_demo(root=None):
 
 # ----------------------------------------------------------------------------------------------
 # Loading by name.
+
+# ----------------------------------------------------------------------------------------------
+# Where the facial parts sit, for the in-painting masks of crops without landmarks
+# (ssl_tasks.region_boxes takes the layout as a parameter; see DATASETS.md, "Face crops").
+
+# The 5-point template of 112x112 similarity-aligned faces (eye centres, nose tip, mouth
+# corners), widely used for ArcFace-style alignment; Aff-Wild2's cropped_aligned frames are 112 px
+# and aligned, RAF-DB's aligned images 100 px. Not checked here on either dataset's own frames
+# (none are in this repository): python data.py show draws the masks on them.
+ALIGNED_112_FIVE_POINTS = ((38.29, 51.70), (73.53, 51.50), (56.03, 71.74), (41.55, 92.37),
+                           (70.73, 92.20))
+ALIGNED_LAYOUT = ssl_tasks.five_point_layout(ALIGNED_112_FIVE_POINTS, 112, 112)
+# UTKFace's "*.jpg.chip.jpg" 200-px crops are named and sized as dlib's face chips, whose
+# default is size 200 with padding 0.2: the mean face's square grown by 20 % on every side.
+UTKFACE_LAYOUT = ssl_tasks.chip_layout(0.2)
+# FER2013 and CK+48 are tight detector crops without landmarks. On real crops of both (and of
+# UTKFace) the issue that moved the layout out of ssl_tasks reports the default boxes' brow band
+# (y 0.27-0.38) sitting on the eyes: an eye line near y 0.32. The mean face puts its eyes there
+# at padding 0.29, and that padding sets the other parts. An inference from that report, not a
+# measurement in this repository: check it with python data.py show.
+TIGHT_CROP_LAYOUT = ssl_tasks.chip_layout(0.29)
+# CelebA's aligned images, when list_landmarks_align_celeba.txt is missing: approximately the
+# means of that file (image-left eye first), in pixels of the 178x218 image.
+CELEBA_MEAN_FIVE_POINTS = ((69.0, 111.5), (108.5, 111.5), (88.5, 135.0), (71.5, 152.5),
+                           (105.5, 152.5))
+
+
+def measured_layout(data, split="train", size=128, count=256):
+    """The median landmark box of every region over up to `count` faces of `split`, as the
+    network sees them (cropped and resized): the layout for the samples of a landmark dataset
+    that have none. None when fewer than 16 of them carry landmarks."""
+    samples = data.splits.get(split) or []
+    step = max(1, len(samples) // count)
+    dataset = FaceDataset(data, split, size, list(range(0, len(samples), step))[:count])
+    landmarks = [item["landmarks"] for item in (dataset[i] for i in range(len(dataset)))
+                 if "error" not in item and bool(item["has_landmarks"])]
+    if len(landmarks) < 16:
+        return None
+    boxes = ssl_tasks.region_boxes(len(landmarks), size, size, torch.stack(landmarks), jitter=0.0)
+    median = (boxes.median(0).values / size).tolist()
+    return {region: tuple(round(v, 4) for v in box) for region, box in zip(ssl_tasks.REGIONS, median)}
+
+
+def region_layout(data, size=128):
+    """(layout, where it comes from) for the in-painting masks of `data`'s faces without
+    landmarks: the reader's own (alignment template, crop geometry, the dataset's points), else
+    measured on the dataset's landmarks, else ssl_tasks' default for detector crops."""
+    if data.region_layout is not None:
+        return data.region_layout, f"{data.name}'s crop layout"
+    measured = measured_layout(data, size=size)
+    if measured is not None:
+        return measured, f"measured on {data.name}'s training landmarks"
+    return dict(ssl_tasks.CANONICAL_BOXES), "the default for detector crops (no landmarks, no template)"
+
 
 READERS = {
     "affectnet": read_affectnet, "ckplus": read_ckplus, "300w_lp": read_300w_lp,
@@ -1713,6 +1798,62 @@ def move_landmarks(landmarks, theta, mirrored, width, height):
 # ----------------------------------------------------------------------------------------------
 # The summary command: what is in a copy of a dataset, before a 10-hour run.
 
+REGION_COLOURS = {"right_eye": (0, 170, 255), "left_eye": (0, 90, 255), "right_brow": (255, 210, 0),
+                  "left_brow": (255, 130, 0), "nose": (0, 200, 80), "mouth": (235, 40, 70)}
+
+
+def contact_sheet(data, path, split="train", size=128, count=12, level="weak", grid=3, seed=0):
+    """One PNG to look at before a long run: `count` training faces exactly as the network gets
+    them (cropped, resized, augmented at `level`), each with the in-painting regions outlined
+    (from its landmarks, else from the dataset's layout) beside its puzzled version, with the
+    label. Returns what it drew (boxes in pixels, landmarks after augmentation, the layout's
+    source), so that a test can check that the masks sit on the parts they name."""
+    samples = data.splits.get(split) or []
+    if not samples:
+        raise DatasetError(f"{data.name} has no {split!r} split to show")
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(samples), generator=generator)[:2 * count].tolist()
+    items = [FaceDataset(data, split, size, picks)[i] for i in range(len(picks))]
+    good = [item for item in items if "error" not in item][:count]
+    if not good:
+        raise DatasetError(f"{data.name}/{split}: none of {len(items)} faces tried could be read")
+    batch = collate(good)
+    images, landmarks, _ = augment(batch["image"], level, batch["landmarks"], generator=generator)
+    mean = torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1) * 255
+    pixels = (images * std + mean).clamp(0, 255).round()
+    puzzled, _ = ssl_tasks.puzzle(pixels, grid, generator)
+    layout, source = region_layout(data, size)
+    has = batch["has_landmarks"]
+    boxes = ssl_tasks.region_boxes(len(good), size, size, landmarks, has, jitter=0.0, layout=layout)
+    per_row, gap, caption = 4, 6, 16
+    rows = math.ceil(len(good) / per_row)
+    sheet = Image.new("RGB", (per_row * (2 * size + 3 * gap), 24 + rows * (size + caption + gap)),
+                      (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((gap, 6), f"{data.name}/{split}: augment {level}, puzzle {grid}x{grid}; regions of "
+                        f"faces without landmarks: {source}", fill=(0, 0, 0))
+    for k in range(len(good)):
+        x = gap + (k % per_row) * (2 * size + 3 * gap)
+        y = 24 + (k // per_row) * (size + caption + gap)
+        for offset, tile in ((0, pixels[k]), (size + gap, puzzled[k])):
+            sheet.paste(Image.fromarray(tile.permute(1, 2, 0).to(torch.uint8).numpy()), (x + offset, y))
+        for region, box in zip(ssl_tasks.REGIONS, boxes[k].tolist()):
+            x0, y0, x1, y1 = box
+            draw.rectangle((x + x0, y + y0, x + x1 - 1, y + y1 - 1), outline=REGION_COLOURS[region])
+        target = good[k]["target"]
+        label = (data.classes[int(target)] if data.task == "classify" else
+                 "yaw {:.0f} pitch {:.0f} roll {:.0f}".format(*target.tolist()) if data.task == "pose"
+                 else "valence {:.2f} arousal {:.2f}".format(*good[k]["va"].tolist()))
+        where = "landmarks" if bool(has[k]) else "layout"
+        draw.text((x, y + size + 2), f"{label} ({where})", fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sheet.save(path)
+    return {"path": path, "boxes": boxes, "landmarks": landmarks, "has_landmarks": has,
+            "source": source, "samples": len(good), "unreadable": len(items) - len([
+                item for item in items if "error" not in item])}
+
+
 def summarize(data, verify=False, size=64):
     """Per split: samples per class (by name) or angle ranges, skipped rows by reason; with
     `verify`, every image is also decoded and cropped (slow) and failures counted."""
@@ -1758,15 +1899,19 @@ def print_summary(report):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="HMTL datasets: check a copy, prepare a cache.")
-    parser.add_argument("command", choices=["summary", "prepare"])
+    parser.add_argument("command", choices=["summary", "prepare", "show"])
     parser.add_argument("--dataset", required=True, choices=list(READERS))
     parser.add_argument("--data-root", help="the dataset's folder, as downloaded")
     parser.add_argument("--classes", type=int, help="protocol: AffectNet 8|7, CK+ 7|8")
-    parser.add_argument("--size", type=int, default=224, help="prepare: face crop side in pixels")
+    parser.add_argument("--size", type=int, help="face crop side in pixels (prepare: 224, show: 128)")
     parser.add_argument("--workers", type=int, help="prepare: decoding processes")
     parser.add_argument("--verify", action="store_true", help="summary: decode every image")
     parser.add_argument("--cache-dir", help="prepare: where the cache goes (default: "
                                             "<data-root>/hmtl_cache, or ~/.cache/hmtl/prepared/)")
+    parser.add_argument("--augment", default="weak", choices=list(AUGMENT_LEVELS),
+                        help="show: the augmentation level to draw")
+    parser.add_argument("--count", type=int, default=12, help="show: faces on the sheet")
+    parser.add_argument("--out", help="show: the PNG to write (default: <dataset>-show.png)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -1775,7 +1920,14 @@ def main(argv=None):
             report = summarize(data, args.verify)
             print(json.dumps(report, indent=1)) if args.json else print_summary(report)
             return report
-        directory = prepare(data, args.data_root, args.size, args.workers, args.classes,
+        if args.command == "show":
+            shown = contact_sheet(data, args.out or f"{args.dataset}-show.png",
+                                  size=args.size or 128, count=args.count,
+                                  level=args.augment)
+            print(f"wrote {shown['path']}: {shown['samples']} faces; regions without landmarks "
+                  f"from {shown['source']}")
+            return shown
+        directory = prepare(data, args.data_root, args.size or 224, args.workers, args.classes,
                             progress=lambda line: print(line, file=sys.stderr))
         print(directory)
         return directory

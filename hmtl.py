@@ -320,6 +320,10 @@ class HMTL(nn.Module):
             self.puzzle_head = ssl_tasks.PuzzleHead(width, grid)
         if ssl == "inpaint":
             self.decoder = ssl_tasks.InpaintDecoder(width)
+            # where the facial parts sit in crops without landmarks: the training data's own
+            # layout (train.py sets it from data.region_layout); not saved, data-dependent
+            self.register_buffer("region_layout", torch.tensor(
+                [ssl_tasks.CANONICAL_BOXES[r] for r in ssl_tasks.REGIONS]), persistent=False)
             if perceptual == "vgg16":  # frozen (requires_grad False): saved, never trained
                 self.vgg = ssl_tasks.vgg16_perceptual_net(vgg_weights)
 
@@ -362,7 +366,7 @@ class HMTL(nn.Module):
             return puzzled, order
         n, _, h, w = images.shape
         boxes = ssl_tasks.region_boxes(n, h, w, landmarks, has_landmarks, generator=generator,
-                                       device=images.device)
+                                       device=images.device, layout=self.region_layout)
         mask = ssl_tasks.region_mask(boxes, h, w, self.regions_per_image, generator)
         mask = mask.to(images.dtype)
         return ssl_tasks.mask_images(images, mask, self.mask_fill), mask

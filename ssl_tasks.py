@@ -7,7 +7,8 @@ per-sample Python loop, nothing in the data loader.
 Each transform is a small function with its own docstring, written to be copied on its own:
   puzzle / unpuzzle               shuffle the tiles of a g x g grid, and undo it
   PuzzleHead, puzzle_loss         predict, for each grid position, which tile sits there
-  region_boxes, region_mask       facial-part boxes from 68 landmarks or canonical positions
+  region_boxes, region_mask       facial-part boxes from 68 landmarks or the dataset's layout
+  five_point_layout, chip_layout  a layout from five points, or from how the crops were made
   mask_images                     blank out the masked regions
   InpaintDecoder, inpaint_loss    reconstruct the image; masked L1 + perceptual loss
 """
@@ -101,26 +102,69 @@ LANDMARK_GROUPS = {
     "right_eye": range(36, 42), "left_eye": range(42, 48), "mouth": range(48, 68),
 }
 
-# Without landmarks: where the parts sit in a face crop (a detector's face box grown by 10 % on
-# each side and squared, as data.py crops AffectNet), as fractions (x0, y0, x1, y1) of the
-# crop. Our choice, set from the median landmark boxes of the demo faces (checked in the tests);
-# region_boxes() jitters them per sample.
+# Without landmarks, where the parts sit depends on how the dataset framed its crops, so the
+# layout is a parameter: (x0, y0, x1, y1) per region as fractions of the crop the network sees.
+# CANONICAL_BOXES is the default, for a detector's face box grown by 10 % on each side and
+# squared (as data.py crops AffectNet), set from the median landmark boxes of the demo faces.
 CANONICAL_BOXES = {
     "right_eye": (0.25, 0.37, 0.47, 0.51), "left_eye": (0.53, 0.37, 0.75, 0.51),
     "right_brow": (0.22, 0.27, 0.48, 0.38), "left_brow": (0.52, 0.27, 0.78, 0.38),
     "nose": (0.40, 0.39, 0.60, 0.64), "mouth": (0.34, 0.65, 0.66, 0.81),
 }
 
+# From five points (eye centres, nose tip, mouth corners: what aligned datasets publish) to the
+# six regions. Each region's box relative to its anchor point (an eye centre, the nose tip, the
+# mouth corners' midpoint), in units of the distance between the eye centres. Measured by us on
+# dlib's mean face shape (the 51 inner points of get_face_chip_details, dlib/image_transforms/
+# interpolation.h): each landmark group's bounding box grown by 25 % on every side, as
+# region_boxes() grows landmark boxes.
+FIVE_POINT_REGIONS = {
+    "right_eye": (-0.297, -0.102, 0.307, 0.086), "left_eye": (-0.307, -0.102, 0.297, 0.086),
+    "right_brow": (-0.611, -0.414, 0.503, -0.166), "left_brow": (-0.503, -0.414, 0.611, -0.166),
+    "nose": (-0.349, -0.791, 0.349, 0.413), "mouth": (-0.669, -0.186, 0.669, 0.330),
+}
+# The same mean face's five points in its own unit square (x across the brows, y down).
+MEAN_FACE_FIVE_POINTS = ((0.2255, 0.2160), (0.7548, 0.2160), (0.4901, 0.5156),
+                         (0.2541, 0.7802), (0.7261, 0.7802))
+
+
+def five_point_layout(points, width=1.0, height=1.0):
+    """A region layout (as CANONICAL_BOXES) from five points (x, y) in pixels of a width x
+    height crop: right eye, left eye (the subject's), nose tip, right and left mouth corner."""
+    (rx, ry), (lx, ly), nose, mouth_right, mouth_left = [tuple(map(float, p)) for p in points]
+    distance = ((lx - rx) ** 2 + (ly - ry) ** 2) ** 0.5
+    anchors = {"right_eye": (rx, ry), "left_eye": (lx, ly), "right_brow": (rx, ry),
+               "left_brow": (lx, ly), "nose": nose,
+               "mouth": ((mouth_right[0] + mouth_left[0]) / 2, (mouth_right[1] + mouth_left[1]) / 2)}
+    layout = {}
+    for region, (x0, y0, x1, y1) in FIVE_POINT_REGIONS.items():
+        ax, ay = anchors[region]
+        layout[region] = ((ax + x0 * distance) / width, (ay + y0 * distance) / height,
+                          (ax + x1 * distance) / width, (ay + y1 * distance) / height)
+    return layout
+
+
+def chip_layout(padding):
+    """The layout of a crop made like dlib's face chips: the mean face's unit square grown by
+    `padding` of its size on every side, then squared into the crop."""
+    return five_point_layout([((padding + x) / (1 + 2 * padding), (padding + y) / (1 + 2 * padding))
+                              for x, y in MEAN_FACE_FIVE_POINTS])
+
 
 def region_boxes(batch_size, height, width, landmarks=None, has_landmarks=None, margin=0.25,
-                 jitter=0.04, generator=None, device="cpu"):
+                 jitter=0.04, generator=None, device="cpu", layout=None):
     """Boxes (N, len(REGIONS), 4) as pixel (x0, y0, x1, y1), one per facial region.
 
     Samples with landmarks (landmarks (N, 68, 2) in pixels of the image as the network sees it,
-    has_landmarks (N,) bool, default all) get each group's bounding box grown by `margin` of its size on
-    every side (at least 2 px). The others get CANONICAL_BOXES, shifted by up to `jitter` of
-    the image size and scaled by up to 2 * `jitter`, independently per box."""
-    canonical = torch.tensor([CANONICAL_BOXES[r] for r in REGIONS], device=device)
+    has_landmarks (N,) bool, default all) get each group's bounding box grown by `margin` of its
+    size on every side (at least 2 px). The others get the dataset's `layout` (a dict like
+    CANONICAL_BOXES, or a (len(REGIONS), 4) tensor of fractions in REGIONS order; default
+    CANONICAL_BOXES), shifted by up to `jitter` of the image size and scaled by up to
+    2 * `jitter`, independently per box."""
+    layout = CANONICAL_BOXES if layout is None else layout
+    if isinstance(layout, dict):
+        layout = [layout[r] for r in REGIONS]
+    canonical = torch.as_tensor(layout, dtype=torch.float32, device=device)
     canonical = canonical * torch.tensor([width, height, width, height], device=device)
     boxes = canonical.expand(batch_size, -1, -1)
     if jitter > 0:

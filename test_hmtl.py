@@ -1322,6 +1322,87 @@ def test_a_read_only_dataset_root_gets_its_cache_elsewhere(tmp_path, monkeypatch
     os.chmod(root, 0o755)
 
 
+def inside(points, box, slack=0.0):
+    x0, y0, x1, y1 = box
+    return bool(((points[:, 0] >= x0 - slack) & (points[:, 0] <= x1 + slack) &
+                 (points[:, 1] >= y0 - slack) & (points[:, 1] <= y1 + slack)).all())
+
+
+def test_five_point_layouts_put_each_region_on_its_part():
+    """five_point_layout on the 112-px aligned template: each eye box holds its eye centre, the
+    brows sit above the eyes, the nose box holds the nose tip, the mouth box both corners."""
+    points = np.array(data.ALIGNED_112_FIVE_POINTS) / 112
+    layout = ssl_tasks.five_point_layout(data.ALIGNED_112_FIVE_POINTS, 112, 112)
+    assert inside(points[:1], layout["right_eye"]) and inside(points[1:2], layout["left_eye"])
+    assert inside(points[2:3], layout["nose"]) and inside(points[3:], layout["mouth"])
+    for side in ("right", "left"):
+        assert layout[f"{side}_brow"][3] <= layout[f"{side}_eye"][1] + 0.01  # above the eye
+    assert layout["right_eye"][2] < layout["left_eye"][0]  # the subject's right eye is image-left
+    # a chip layout is the mean face at a padding: more padding, a smaller face in the middle
+    tight, loose = ssl_tasks.chip_layout(0.1), ssl_tasks.chip_layout(0.4)
+    width = lambda layout: layout["left_eye"][2] - layout["right_eye"][0]
+    assert width(loose) < width(tight) and abs(tight["nose"][0] + tight["nose"][2] - 1) < 0.03
+
+
+def test_every_dataset_supplies_its_own_region_layout(tmp_path, affectnet_root, request):
+    """The masking's layout is the dataset's: its template or crop geometry where it has no
+    landmarks, measured on its landmarks where it has them; the model masks with it."""
+    expected = {"utkface": data.UTKFACE_LAYOUT, "fer2013": data.TIGHT_CROP_LAYOUT,
+                "ferplus": data.TIGHT_CROP_LAYOUT, "ckplus48": data.TIGHT_CROP_LAYOUT,
+                "rafdb": data.ALIGNED_LAYOUT, "affwild2": data.ALIGNED_LAYOUT}
+    for name, layout in expected.items():
+        folder = write_unpacked(name, tmp_path / name, request) if name != "affwild2" else \
+            request.getfixturevalue("affwild2_root")
+        faces = data.load("ckplus" if name == "ckplus48" else name, str(folder))
+        assert data.region_layout(faces) == (layout, f"{faces.name}'s crop layout"), name
+    # CelebA: from its own points file when present (image-left eye first, 178x218 images)
+    celeba = write_unpacked("celeba", tmp_path / "c", request)
+    (celeba / "Anno" / "list_landmarks_align_celeba.txt").write_text(
+        "2\r\nlefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y "
+        "rightmouth_x rightmouth_y\r\n000001.jpg 70 112 108 112 89 135 72 152 106 152\r\n"
+        "000002.jpg 68 110 106 110 87 133 70 150 104 150\r\n")
+    layout, _ = data.region_layout(data.load("celeba", str(celeba)))
+    assert inside(np.array([[69 / 178, (111 - 20) / 178]]), layout["right_eye"])
+    # a landmark dataset: measured on its own faces (here: the demo's)
+    measured = data.measured_layout(request.getfixturevalue("demo_faces"), size=64)
+    assert set(measured) == set(ssl_tasks.REGIONS)
+    assert measured["mouth"][1] > measured["nose"][1] > measured["right_brow"][1]
+    few = data.load("affectnet", str(affectnet_root))  # 8 faces: too few to measure
+    assert data.region_layout(few)[1].startswith("the default for detector crops")
+    model = hmtl.HMTL("b0", "classify", 7, "inpaint").train()
+    model.region_layout.copy_(torch.tensor([data.TIGHT_CROP_LAYOUT[r] for r in ssl_tasks.REGIONS]))
+    _, mask = model.pretext(torch.zeros(64, 3, 48, 48), generator=torch.Generator().manual_seed(0))
+    union = torch.zeros(48, 48)
+    for r in ssl_tasks.REGIONS:
+        x0, y0, x1, y1 = (torch.tensor(data.TIGHT_CROP_LAYOUT[r]) * 48).tolist()
+        union[max(0, int(y0) - 3):int(y1) + 3, max(0, int(x0) - 3):int(x1) + 3] = 1
+    assert mask.sum() > 0 and (mask[:, 0] * (1 - union)).sum() == 0  # masks only on the layout
+
+
+@pytest.fixture(scope="module")
+def demo_faces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo-faces")
+    data.make_demo(str(root), train_per_class=4, val_per_class=2, test_per_class=1)
+    return data.load("demo", str(root))
+
+
+def test_show_draws_the_faces_as_the_network_gets_them_with_the_masks_on_their_parts(demo_faces, tmp_path, capsys):
+    """data.py show: one PNG with augmented crops, the regions outlined, the puzzled versions
+    and the labels. On faces with known landmarks, each eye box covers its eye's points."""
+    shown = data.contact_sheet(demo_faces, str(tmp_path / "sheet.png"), size=64, count=8, level="weak")
+    assert shown["samples"] == 8 and shown["has_landmarks"].all()
+    picture = Image.open(tmp_path / "sheet.png")
+    assert picture.size[0] == 4 * (2 * 64 + 18) and picture.size[1] > 2 * 64
+    for k in range(8):
+        points = shown["landmarks"][k].numpy()
+        for region in ("right_eye", "left_eye", "mouth"):
+            box = shown["boxes"][k, ssl_tasks.REGIONS.index(region)].tolist()
+            assert inside(points[list(ssl_tasks.LANDMARK_GROUPS[region])], box, slack=0.5), (k, region)
+    data.main(["show", "--dataset", "demo", "--data-root", demo_faces.root, "--size", "48",
+               "--count", "4", "--out", str(tmp_path / "cli.png")])
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "cli.png").exists()
+
+
 def test_augment_none_is_normalisation_and_flips_move_labels():
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
     plain, _, _ = data.augment(images, "none", flip=False)

@@ -28,6 +28,7 @@ import data
 import eval as evaluation
 import hmtl
 import models
+import ssl_tasks
 
 # ----------------------------------------------------------------------------------------------
 # Configuration.
@@ -361,6 +362,12 @@ def main(argv=None, on_step=None):
     model = hmtl.model_from_config(config, num_classes, weights, graph, node_vectors)
     if checkpoint is None:
         init_weights(model, config)
+    region_layout = None
+    if config["ssl"] == "inpaint":  # where to mask the faces that come without landmarks
+        layout, source = data.region_layout(faces, size)
+        model.region_layout.copy_(torch.tensor([layout[r] for r in ssl_tasks.REGIONS]))
+        region_layout = {"source": source, **{r: list(layout[r]) for r in ssl_tasks.REGIONS}}
+        log(f"in-painting regions of faces without landmarks: {source}")
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, config, device)
@@ -414,7 +421,8 @@ def main(argv=None, on_step=None):
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({**config, "run": {**{k: v for k, v in vars(args).items()
-                                            if k not in hmtl.DEFAULTS}, "seed": seed}}, f, indent=1)
+                                            if k not in hmtl.DEFAULTS}, "seed": seed,
+                                         "region_layout": region_layout}}, f, indent=1)
     metrics_file = os.path.join(out, "metrics.jsonl")
 
     def record(entry):
