@@ -469,8 +469,15 @@ def read_300w_lp(root):
     base = find(root, "300W_LP", "300W-LP")
     train, train_skipped = read_pose_folder(base, "300W-LP", os.path.join("*", "*.jpg"), False)
     splits, skipped = {"train": train}, {"train": train_skipped}
-    if find(root, "image0*.jpg", "AFLW2000", required=False):  # optional: training alone is fine
-        aflw = read_aflw2000(root)
+    # AFLW2000 is optional (training alone is fine): below the root, or beside 300W_LP/ when the
+    # root is that folder itself
+    aflw_root = root if find(root, "image0*.jpg", "AFLW2000", required=False) else None
+    if aflw_root is None and os.path.normpath(base) == os.path.normpath(root) and \
+            find(os.path.dirname(os.path.abspath(root)), os.path.join("*", "image0*.jpg"),
+                 "AFLW2000", depth=0, required=False):
+        aflw_root = os.path.dirname(os.path.abspath(root))
+    if aflw_root:
+        aflw = read_aflw2000(aflw_root)
         splits["test"], skipped["test"] = aflw.splits["test"], aflw.skipped["test"]
     return FaceData("300w_lp", "pose", None, splits, skipped,
                     "test" if "test" in splits else "val", margin=0.0)

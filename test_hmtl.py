@@ -938,7 +938,8 @@ def write_unpacked(name, parent, request):
         return request.getfixturevalue("affwild2_root")
     if name == "ckplus48":
         return write_ckplus48(parent / "CK+48")
-    if name == "300w_lp":
+    if name == "300w_lp":  # with AFLW2000 beside it: the test split, from either root
+        write_pose_folder(parent / "AFLW2000", ["image00002"], aflw=True)
         write_pose_folder(parent / "300W_LP" / "AFW", ["AFW_1", "AFW_2"])
         return write_pose_folder(parent / "300W_LP" / "AFW_Flip", ["AFW_1"]).parent
     if name == "aflw2000":
@@ -990,6 +991,7 @@ def test_every_dataset_opens_from_its_unpacked_folder_and_from_its_parent(name, 
     listing = [(split, [s.image if isinstance(s.image, str) else s.image.tobytes() for s in samples])
                for split, samples in sorted(from_folder.splits.items())]
     assert any(images for _, images in listing)
+    assert name != "300w_lp" or from_folder.eval_split == "test"
     assert listing == [(split, [s.image if isinstance(s.image, str) else s.image.tobytes()
                                 for s in samples]) for split, samples in sorted(from_parent.splits.items())]
 
