@@ -13,7 +13,8 @@ Parts (`python bench.py models hmtl`; all by default):
            also with memory_efficient=True.
   hmtl     the HMTL training step (joint loss, pretext transform batched on the device) with
            puzzling and with in-painting, against plain supervised learning (SL); also the
-           expression + valence/arousal task (expr_va) with its linear and its GCN head.
+           expression + valence/arousal task (expr_va) with its linear and its GCN head, and
+           ABAW's multi-task head (mtl: VA + 8 expressions + 12 AUs, each term masked).
   e2e      train.py end to end (data + step + validation), SL vs puzzle vs in-painting: one
            demo epoch at 64 px on the CPU; 224 px, B0 and B2, on CUDA, with the projected time
            of one AffectNet-8 epoch (287,651 images)
@@ -168,11 +169,14 @@ def bench_hmtl(args, device, autocast):
         contenders = {"SL": dict(ssl="none"), "SL + puzzle": dict(ssl="puzzle"),
                       "SL + inpaint (perceptual: backbone)": dict(ssl="inpaint"),
                       "SL expr_va": dict(task="expr_va"),
-                      "SL expr_va, GCN head": dict(task="expr_va", head="gcn", graph=graph)}
+                      "SL expr_va, GCN head": dict(task="expr_va", head="gcn", graph=graph),
+                      "SL mtl (VA + expressions + 12 AUs)": dict(task="mtl")}
+        # every label a batch can carry; each task's loss reads its own (hmtl.TASKS[...].labels)
+        targets = {"target": labels, "va": va,
+                   "au": torch.randint(0, 2, (args.batch, 12), device=device).float()}
         steps = {}
         for name, config in contenders.items():
             config = {"task": "classify", **config}
-            targets = (labels, va) if config["task"] == "expr_va" else labels
             net = hmtl.HMTL(arch, num_classes=args.classes, **config).to(
                 device, memory_format=memory_format(args)).train()
             steps[name] = make_step(

@@ -59,6 +59,7 @@ class Sample:
     landmarks: np.ndarray = None
     va: tuple = None
     subject: str = None
+    au: tuple = None               # 12 action units (hmtl.AU_NAMES order), 1/0, -1 = unlabelled
 
 
 @dataclass
@@ -75,6 +76,7 @@ class FaceData:
     root: str = None               # the --data-root it was read from (set by load)
     cache_root: str = None         # --cache-dir: where prepared caches go (None: see cache_dir)
     fingerprints: dict = field(default_factory=dict, repr=False)  # split -> split_fingerprint
+    labels: tuple = ("target",)    # what its samples carry: "target", "va", "au" (-1 / -5: missing)
 
     def counts(self, split):
         """Samples per class (classification) in `split`."""
@@ -158,7 +160,7 @@ def read_affectnet(root, classes=8):
     # validation.csv is AffectNet's test set (the official one was never released); a test.csv
     # beside it (the demo's) is reported on instead, and validation.csv only selects models
     return FaceData("affectnet", "classify", AFFECTNET_CLASSES[:classes], splits, skipped,
-                    "test" if "test" in splits else "val")
+                    "test" if "test" in splits else "val", labels=("target", "va"))
 
 
 def affectnet_protocol(expression, classes):
@@ -927,9 +929,9 @@ def read_affwild2(root, labels="expr"):
         splits[split], skipped[split] = samples, reasons
     if labels == "va":
         return FaceData("affwild2_va", "va", None, splits, skipped, "val", margin=0.0,
-                        region_layout=ALIGNED_LAYOUT)
+                        region_layout=ALIGNED_LAYOUT, labels=("va",))
     return FaceData("affwild2", "classify", classes, splits, skipped, "val", margin=0.0,
-                    region_layout=ALIGNED_LAYOUT)
+                    region_layout=ALIGNED_LAYOUT, labels=("target", "va"))
 
 
 def read_affwild2_expressions(path, classes, reasons):
@@ -1323,6 +1325,13 @@ def va_tensor(sample):
     return torch.tensor(sample.va if sample.va is not None else (-2.0, -2.0), dtype=torch.float32)
 
 
+AU_COUNT = 12  # ABAW's action units (hmtl.AU_NAMES)
+
+
+def au_tensor(sample):
+    return torch.tensor(sample.au if sample.au is not None else (-1,) * AU_COUNT, dtype=torch.float32)
+
+
 class FaceDataset(torch.utils.data.Dataset):
     """Decodes and crops on the fly (the plain reader). Items are dicts; a corrupt image or a
     box outside the image gives None, which `collate` drops and counts."""
@@ -1343,6 +1352,10 @@ class FaceDataset(torch.utils.data.Dataset):
         """(N, 2) valence/arousal of the items, sentinels included (the GCN head's graph)."""
         return torch.stack([va_tensor(self.samples[i]) for i in self.indices])
 
+    def au_targets(self):
+        """(N, 12) action units of the items, -1 where unlabelled (the AUs' positive weights)."""
+        return torch.stack([au_tensor(self.samples[i]) for i in self.indices])
+
     def __getitem__(self, i):
         sample = self.samples[self.indices[i]]
         try:
@@ -1351,12 +1364,13 @@ class FaceDataset(torch.utils.data.Dataset):
             return {"error": "face box outside the image", "source": str(sample.image)[:200]}
         except (OSError, ValueError, SyntaxError):  # PIL raises all three on bad files
             return {"error": "image unreadable or corrupt", "source": str(sample.image)[:200]}
-        return make_item(image, landmarks, target_tensor(self.data, sample), va_tensor(sample))
+        return make_item(image, landmarks, target_tensor(self.data, sample), va_tensor(sample),
+                         au_tensor(sample))
 
 
-def make_item(image, landmarks, target, va):
+def make_item(image, landmarks, target, va, au):
     has = landmarks is not None
-    return {"image": image, "target": target, "va": va,
+    return {"image": image, "target": target, "va": va, "au": au,
             "landmarks": torch.as_tensor(landmarks if has else np.zeros((68, 2), np.float32)),
             "has_landmarks": torch.tensor(has)}
 
@@ -1420,7 +1434,7 @@ def split_fingerprint(samples, data_root):
             digest.update(f"{os.path.relpath(sample.image, root)}|{size}|{mtime}|".encode())
         else:
             digest.update(np.ascontiguousarray(sample.image).tobytes())
-        digest.update(repr((sample.target, sample.box, sample.va, sample.subject)).encode())
+        digest.update(repr((sample.target, sample.box, sample.va, sample.subject, sample.au)).encode())
         if sample.landmarks is not None:
             digest.update(np.ascontiguousarray(sample.landmarks, dtype=np.float32).tobytes())
     return digest.hexdigest()
@@ -1505,6 +1519,7 @@ def prepare(data, data_root, size, workers=None, classes=None, progress=print):
                  landmarks=landmarks[kept], has_landmarks=has[kept],
                  target=np.array(targets, dtype=np.float32 if data.task == "pose" else np.int64),
                  va=np.array([samples[i].va or (-2.0, -2.0) for i in kept], np.float32),
+                 au=np.array([samples[i].au or (-1,) * AU_COUNT for i in kept], np.float32).reshape(-1, AU_COUNT),
                  subject=np.array([samples[i].subject or "" for i in kept]))
         meta["splits"][split] = {"samples": int(len(kept)), "skipped": dict(errors), "listed": n,
                                  "fingerprint": fingerprint_of(data, split, data_root)}
@@ -1537,6 +1552,7 @@ class CachedDataset(torch.utils.data.Dataset):
         self.landmarks = torch.from_numpy(labels["landmarks"])
         self.has_landmarks = torch.from_numpy(labels["has_landmarks"])
         self.va = torch.from_numpy(labels["va"])
+        self.au = torch.from_numpy(labels["au"])
         self.indices = np.arange(len(self.kept)) if indices is None else np.asarray(indices)
 
     def __len__(self):
@@ -1548,6 +1564,9 @@ class CachedDataset(torch.utils.data.Dataset):
     def va_targets(self):
         return self.va[torch.from_numpy(self.indices)]
 
+    def au_targets(self):
+        return self.au[torch.from_numpy(self.indices)]
+
     def __getitem__(self, i):
         return self.__getitems__([i])
 
@@ -1558,7 +1577,7 @@ class CachedDataset(torch.utils.data.Dataset):
         images[order] = self.images[self.kept[rows[order]]]
         rows = torch.from_numpy(rows)
         return {"image": torch.from_numpy(images).permute(0, 3, 1, 2),
-                "target": self.target[rows], "va": self.va[rows],
+                "target": self.target[rows], "va": self.va[rows], "au": self.au[rows],
                 "landmarks": self.landmarks[rows], "has_landmarks": self.has_landmarks[rows],
                 "skipped": []}
 

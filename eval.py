@@ -37,71 +37,6 @@ import hmtl
 # Metrics.
 
 
-def classification_metrics(predictions, labels, classes):
-    """Accuracy, balanced accuracy (mean recall over the classes present), macro-F1 (over the
-    classes present), per-class recall and the confusion matrix (rows: true class)."""
-    predictions, labels = np.asarray(predictions), np.asarray(labels)
-    n = len(classes)
-    confusion = np.zeros((n, n), dtype=np.int64)
-    np.add.at(confusion, (labels, predictions), 1)
-    true_counts, predicted_counts = confusion.sum(1), confusion.sum(0)
-    hits = np.diag(confusion)
-    present = true_counts > 0
-    recall = np.divide(hits, true_counts, out=np.zeros(n), where=present)
-    precision = np.divide(hits, predicted_counts, out=np.zeros(n), where=predicted_counts > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n),
-                   where=(precision + recall) > 0)
-    return {"samples": int(len(labels)), "accuracy": float(hits.sum() / max(1, len(labels))),
-            "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
-            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-            "per_class_recall": {c: float(r) for c, r, p in zip(classes, recall, present) if p},
-            "classes": list(classes), "confusion": confusion.tolist()}
-
-
-def without_class(logits, labels, index):
-    """Drop one class: its samples and its logit (AffectNet's 7-class score of an 8-class
-    model drops Contempt). Labels above the index shift down by one."""
-    keep = labels != index
-    columns = [c for c in range(logits.shape[1]) if c != index]
-    labels = labels[keep]
-    return logits[keep][:, columns], labels - (labels > index).long()
-
-
-def va_metrics(prediction, target):
-    """CCC and RMSE for valence and arousal over the samples whose target is in [-1, 1]."""
-    out = {}
-    for dim, name in enumerate(("valence", "arousal")):
-        valid = target[:, dim].abs() <= 1
-        if valid.sum() >= 2:
-            p, t = prediction[valid, dim].float(), target[valid, dim].float()
-            out[f"ccc_{name}"] = float(hmtl.ccc(p, t))
-            out[f"rmse_{name}"] = float((p - t).square().mean().sqrt())
-    if "ccc_valence" in out and "ccc_arousal" in out:
-        out["ccc_mean"] = (out["ccc_valence"] + out["ccc_arousal"]) / 2
-    return out
-
-
-def pose_metrics(predicted, target):
-    """Mean absolute error in degrees of yaw, pitch, roll (columns in that order), and their
-    mean."""
-    error = (predicted.float() - target.float()).abs().mean(0).tolist()
-    return {"mae_yaw": error[0], "mae_pitch": error[1], "mae_roll": error[2],
-            "mae_mean": sum(error) / 3, "samples": int(len(target))}
-
-
-def selection_metric(task, metrics, dataset=None):
-    """The one number that picks best.pt (higher is better): what the dataset's papers report;
-    on Aff-Wild2 the ABAW challenges' macro-F1 instead of accuracy."""
-    expressions = metrics.get("macro_f1" if dataset == "affwild2" else "accuracy")
-    if task == "classify":
-        return expressions
-    if task == "va":
-        return metrics.get("ccc_mean", -1.0)
-    if task == "expr_va":  # the ABAW-style sum of the two
-        return expressions + metrics.get("ccc_mean", 0.0)
-    return -metrics["mae_mean"]
-
-
 # ----------------------------------------------------------------------------------------------
 # Running a model over a split.
 
@@ -110,9 +45,10 @@ def selection_metric(task, metrics, dataset=None):
 def predict_split(model, loader, device, channels_last=True, embed=False):
     """Task outputs over a loader on clean (unaugmented) images, with the targets; with
     `embed`, the pooled embedding instead (the encoder's feature, what downstream models train
-    on). Returns (outputs, targets, va targets, skipped)."""
+    on). Returns (outputs, {label key: targets} with every label a batch carries ("target",
+    "va", "au"), skipped)."""
     model.eval()
-    outputs, targets, vas, skipped = [], [], [], []
+    outputs, targets, skipped = [], {}, []
     for batch in loader:
         skipped += batch["skipped"]
         if "image" not in batch:
@@ -124,29 +60,23 @@ def predict_split(model, loader, device, channels_last=True, embed=False):
             outputs.append(model.encoder.pool(model.encoder.forward_features(images)).float().cpu())
         else:
             outputs.append(model(images).float().cpu())
-        targets.append(batch["target"])
-        vas.append(batch["va"])
+        for key in LABEL_KEYS:
+            targets.setdefault(key, []).append(batch[key])
     if not outputs:
         raise RuntimeError("no sample of this split could be read")
-    return torch.cat(outputs), torch.cat(targets), torch.cat(vas), skipped
+    return torch.cat(outputs), {k: torch.cat(v) for k, v in targets.items()}, skipped
 
 
-def task_metrics(task, outputs, targets, vas, classes):
-    """Every metric the task's protocol reports, from raw task outputs."""
-    if task == "pose":
-        return pose_metrics(hmtl.pose_expectation(outputs.view(-1, 3, hmtl.POSE_BINS)), targets)
-    if task == "va":
-        return va_metrics(hmtl.valence_arousal(outputs), vas)
-    if task == "expr_va":  # expression metrics on the class logits, CCC on the last two
-        return {**task_metrics("classify", outputs[:, :-2], targets, vas, classes),
-                **va_metrics(hmtl.valence_arousal(outputs), vas)}
-    metrics = classification_metrics(outputs.argmax(1).numpy(), targets.numpy(), classes)
-    if len(classes) == 8 and classes[7] == "Contempt":  # AffectNet-8 -> the 7-class score
-        logits7, labels7 = without_class(outputs, targets, 7)
-        seven = classification_metrics(logits7.argmax(1).numpy(), labels7.numpy(), classes[:7])
-        metrics["seven_class"] = {k: seven[k] for k in
-                                  ("samples", "accuracy", "balanced_accuracy", "macro_f1")}
-    return metrics
+LABEL_KEYS = ("target", "va", "au")  # what a batch carries besides the images
+
+
+def selection_metric(task, metrics, dataset=None):
+    """The one number that picks best.pt (higher is better): hmtl.TASKS[task].selection."""
+    return hmtl.TASKS[task].selection(metrics, dataset)
+
+
+# ABAW-4's multi-task score, for anyone's predictions (hmtl.py holds it beside the MTL task).
+p_mtl = hmtl.p_mtl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,25 +343,8 @@ def predict(model, paths, size, classes=None, device="cpu"):
             results.append((path, f"unreadable ({err.__class__.__name__})", {}))
             continue
         output = model(data.normalize(pixels[None].to(device))).float()[0].cpu()
-        if model.task == "pose":
-            angles = hmtl.pose_expectation(output.view(1, 3, hmtl.POSE_BINS))[0].tolist()
-            results.append((path, " ".join(f"{a:.1f}" for a in angles),
-                            dict(zip(("yaw", "pitch", "roll"), angles))))
-        elif model.task == "va":
-            valence, arousal = hmtl.valence_arousal(output[None])[0].tolist()
-            results.append((path, f"valence {valence:.3f} arousal {arousal:.3f}",
-                            {"valence": valence, "arousal": arousal}))
-        else:
-            logits = output[:-2] if model.task == "expr_va" else output
-            probabilities = logits.softmax(0).tolist()
-            names = classes or [str(c) for c in range(len(probabilities))]
-            scores = dict(zip(names, probabilities))
-            label = names[int(np.argmax(probabilities))]
-            if model.task == "expr_va":
-                valence, arousal = hmtl.valence_arousal(output[None])[0].tolist()
-                scores.update(valence=valence, arousal=arousal)
-                label += f" (valence {valence:.3f}, arousal {arousal:.3f})"
-            results.append((path, label, scores))
+        label, scores = hmtl.TASKS[model.task].predict(output, classes)
+        results.append((path, label, scores))
     return results
 
 
@@ -470,8 +383,8 @@ def extract_features(model, config, faces, split, data_root, device, path, batch
     """Save the pooled embeddings of a split with their targets to an .npz (features, target,
     va, classes), e.g. to train a small model on per-frame features, as HSEmotion does."""
     loader = split_loader(config, faces, split, data_root, device, batch_size, workers)
-    features, targets, vas, skipped = predict_split(model, loader, device, embed=True)
-    np.savez(path, features=features.numpy(), target=targets.numpy(), va=vas.numpy(),
+    features, targets, skipped = predict_split(model, loader, device, embed=True)
+    np.savez(path, features=features.numpy(), **{k: v.numpy() for k, v in targets.items()},
              classes=np.array(faces.classes or []))
     return {"path": path, "samples": len(features), "width": features.shape[1],
             "skipped_unreadable": len(skipped)}
@@ -485,11 +398,11 @@ def evaluate(model, config, faces, split, data_root, device, batch_size=128, wor
     if faces.name == "ckplus":
         return ckplus_nonlinear(model, faces, size, device, batch_size)
     loader = split_loader(config, faces, split, data_root, device, batch_size, workers)
-    outputs, targets, vas, skipped = predict_split(model, loader, device)
-    if model.task == "classify" and outputs.shape[1] != len(faces.classes):
-        raise SystemExit(f"error: the checkpoint predicts {outputs.shape[1]} classes, "
+    outputs, targets, skipped = predict_split(model, loader, device)
+    if faces.classes and model.num_classes != len(faces.classes):
+        raise SystemExit(f"error: the checkpoint predicts {model.num_classes} classes, "
                          f"{faces.name} has {len(faces.classes)}")
-    metrics = task_metrics(model.task, outputs, targets, vas, faces.classes)
+    metrics = hmtl.TASKS[model.task].metrics(outputs, targets, faces.classes)
     metrics["skipped_unreadable"] = len(skipped)
     if out_dir and "confusion" in metrics:
         os.makedirs(out_dir, exist_ok=True)
@@ -532,10 +445,11 @@ def main(argv=None):
         result["predictions"] = [{"image": p, "label": label, "scores": scores}
                                  for p, label, scores in predictions]
         if not args.json:
-            for p, label, scores in predictions:
-                top = ", ".join(f"{k} {v:.3f}" for k, v in
-                                sorted(scores.items(), key=lambda kv: -kv[1])[:3])
-                print(f"{p}: {label}" + (f"  ({top})" if model.task == "classify" else ""))
+            for p, label, scores in predictions:  # the label, and the top 3 class probabilities
+                ranked = sorted((kv for kv in scores.items() if kv[0] in (model.classes or ())),
+                                key=lambda kv: -kv[1])[:3]
+                print(f"{p}: {label}" + (f"  ({', '.join(f'{k} {v:.3f}' for k, v in ranked)})"
+                                         if ranked else ""))
     if args.dataset:
         try:
             classes = args.classes or (config.get("classes") if args.dataset == config["dataset"] else None)

@@ -16,7 +16,9 @@ experiment recipes.
 
 import copy
 import os
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,29 +28,13 @@ import ssl_tasks
 
 # ----------------------------------------------------------------------------------------------
 # Task heads. Every task is a linear layer on the pooled feature: the encoder's own classifier
-# (dropout + Linear), sized by task_outputs(). So the exported model is a stock EfficientNet
-# (the Emotion-GCN head below computes that layer's weights, and export() writes them into it).
-
-TASKS = ("classify", "va", "expr_va", "pose")
+# (dropout + Linear), sized by the task (TASKS, at the end of this section). So the exported
+# model is a stock EfficientNet (the Emotion-GCN head below computes that layer's weights, and
+# export() writes them into it). First the pieces: losses, then metrics; then the table.
 
 # Head pose as in Hopenet (Ruiz et al. 2018): each of yaw, pitch, roll is classified into 66
 # bins of 3 degrees over [-99, 99), and regressed through the softmax expectation.
 POSE_BINS, POSE_BIN_WIDTH, POSE_LIMIT = 66, 3.0, 99.0
-
-
-def task_outputs(task, num_classes=None):
-    """Width of the task head: the classes for "classify" (expression, gender), 2 for "va"
-    (valence, arousal), the classes + 2 for "expr_va" (one head for both, as HSEmotion's
-    multi-task EfficientNet), 3 x 66 bins for "pose"."""
-    if task == "classify":
-        return num_classes
-    if task == "expr_va":
-        return num_classes + 2
-    if task == "va":
-        return 2
-    if task == "pose":
-        return 3 * POSE_BINS
-    raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 
 def class_weights(counts):
@@ -114,6 +100,299 @@ def pose_loss(logits, angles, alpha=0.001):
     ce = F.cross_entropy(logits.flatten(0, 1), pose_to_bins(angles).flatten()) * 3
     mse = F.mse_loss(pose_expectation(logits), angles.float()) * 3
     return ce + alpha * mse
+
+
+# ABAW's multi-task challenge (s-Aff-Wild2): valence/arousal, 8 expressions and 12 action units
+# per frame, each possibly missing (VA -5, expression -1, AUs -1). One head: the expression
+# logits first (as "classify"), then valence and arousal (as "expr_va"), then 12 AU logits.
+AU_NAMES = ("AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "AU24", "AU25", "AU26")
+MTL_TERMS = ("va", "expression", "au")  # the order of --mtl-weights
+
+
+def masked_cross_entropy(logits, labels, weights=None):
+    """Cross-entropy over the samples labelled >= 0 (the class-weighted mean, as F.cross_entropy
+    takes it); exactly 0, not NaN, when the batch has none."""
+    labelled = labels >= 0
+    safe = labels.clamp(min=0)
+    per_sample = F.cross_entropy(logits.float(), safe, weight=weights, reduction="none")
+    weight = labelled.float() if weights is None else labelled.float() * weights[safe]
+    return (per_sample * weight).sum() / weight.sum().clamp(min=1e-12)
+
+
+def masked_au_loss(logits, au, pos_weight=None):
+    """Binary cross-entropy with logits per AU over the labelled entries (-1 = missing); 0 when
+    there are none. `pos_weight` (12,) weighs each AU's positives (rare AUs)."""
+    labelled = (au >= 0).float()
+    per_entry = F.binary_cross_entropy_with_logits(logits.float(), au.clamp(min=0).float(),
+                                                   pos_weight=pos_weight, reduction="none")
+    return (per_entry * labelled).sum() / labelled.sum().clamp(min=1)
+
+
+def mtl_loss(outputs, targets, num_classes, weights=None, term_weights=(1.0, 1.0, 1.0),
+             au_pos_weight=None):
+    """w_va * ((1 - CCC_v) + (1 - CCC_a)) + w_expr * CE + w_au * BCE, each term over the frames
+    labelled for it; a term with no labelled frame in the batch adds 0."""
+    w_va, w_expression, w_au = term_weights
+    expression = outputs[:, :num_classes]
+    va = torch.tanh(outputs[:, num_classes:num_classes + 2].float())
+    au = outputs[:, num_classes + 2:]
+    return (w_va * va_loss(va, targets["va"])
+            + w_expression * masked_cross_entropy(expression, targets["target"], weights)
+            + w_au * masked_au_loss(au, targets["au"], au_pos_weight))
+
+
+# Metrics, over a whole split (CPU tensors or numpy arrays).
+
+def classification_metrics(predictions, labels, classes):
+    """Accuracy, balanced accuracy (mean recall over the classes present), macro-F1 (over the
+    classes present), per-class recall and the confusion matrix (rows: true class)."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    n = len(classes)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    true_counts, predicted_counts = confusion.sum(1), confusion.sum(0)
+    hits = np.diag(confusion)
+    present = true_counts > 0
+    recall = np.divide(hits, true_counts, out=np.zeros(n), where=present)
+    precision = np.divide(hits, predicted_counts, out=np.zeros(n), where=predicted_counts > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n),
+                   where=(precision + recall) > 0)
+    return {"samples": int(len(labels)), "accuracy": float(hits.sum() / max(1, len(labels))),
+            "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+            "per_class_recall": {c: float(r) for c, r, p in zip(classes, recall, present) if p},
+            "classes": list(classes), "confusion": confusion.tolist()}
+
+
+def without_class(logits, labels, index):
+    """Drop one class: its samples and its logit (AffectNet's 7-class score of an 8-class
+    model drops Contempt). Labels above the index shift down by one."""
+    keep = labels != index
+    columns = [c for c in range(logits.shape[1]) if c != index]
+    labels = labels[keep]
+    return logits[keep][:, columns], labels - (labels > index).long()
+
+
+def va_metrics(prediction, target):
+    """CCC and RMSE for valence and arousal over the samples whose target is in [-1, 1]."""
+    out = {}
+    for dim, name in enumerate(("valence", "arousal")):
+        valid = target[:, dim].abs() <= 1
+        if valid.sum() >= 2:
+            p, t = prediction[valid, dim].float(), target[valid, dim].float()
+            out[f"ccc_{name}"] = float(ccc(p, t))
+            out[f"rmse_{name}"] = float((p - t).square().mean().sqrt())
+    if "ccc_valence" in out and "ccc_arousal" in out:
+        out["ccc_mean"] = (out["ccc_valence"] + out["ccc_arousal"]) / 2
+    return out
+
+
+def pose_metrics(predicted, target):
+    """Mean absolute error in degrees of yaw, pitch, roll (columns in that order), and their
+    mean."""
+    error = (predicted.float() - target.float()).abs().mean(0).tolist()
+    return {"mae_yaw": error[0], "mae_pitch": error[1], "mae_roll": error[2],
+            "mae_mean": sum(error) / 3, "samples": int(len(target))}
+
+
+def f1_per_class(predictions, labels, n):
+    """Positive-class F1 of each of n classes; 0 for a class never true and never predicted
+    (sklearn's zero_division=0, as the ABAW scorer)."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    scores = []
+    for c in range(n):
+        hit = np.sum((predictions == c) & (labels == c))
+        total = np.sum(predictions == c) + np.sum(labels == c)
+        scores.append(2 * hit / total if total else 0.0)
+    return np.array(scores, dtype=np.float64)
+
+
+def population_ccc(prediction, target):
+    """Lin's CCC with population statistics (ddof 0), as the ABAW scorer computes it."""
+    p, t = np.asarray(prediction, np.float64), np.asarray(target, np.float64)
+    if len(p) < 2:
+        return 0.0
+    covariance = np.mean((p - p.mean()) * (t - t.mean()))
+    return float(2 * covariance / (p.var() + t.var() + (p.mean() - t.mean()) ** 2 + 1e-12))
+
+
+def p_mtl(predictions, targets, au_threshold=0.5):
+    """ABAW-4's multi-task score: 0.5 (CCC_V + CCC_A) + macro-F1 over the 8 expressions + the
+    mean F1 over the 12 AUs, each over the frames labelled for it (VA: neither is -5;
+    expression: not -1; AUs: not -1). predictions: {"va": N x 2, "expression": N x 8 logits,
+    "au": N x 12 probabilities}; targets: {"va": N x 2, "expression": N, "au": N x 12}; numpy
+    or tensors. `au_threshold`: one number, or one per AU."""
+    p = {k: np.asarray(v.detach().cpu() if torch.is_tensor(v) else v, np.float64)
+         for k, v in predictions.items()}
+    t = {k: np.asarray(v.detach().cpu() if torch.is_tensor(v) else v, np.float64)
+         for k, v in targets.items()}
+    va_ok = (t["va"] != -5).all(1)
+    ccc_valence = population_ccc(p["va"][va_ok, 0], t["va"][va_ok, 0])
+    ccc_arousal = population_ccc(p["va"][va_ok, 1], t["va"][va_ok, 1])
+    labelled = t["expression"] >= 0
+    expression_f1 = float(f1_per_class(p["expression"][labelled].argmax(1),
+                                       t["expression"][labelled].astype(int),
+                                       p["expression"].shape[1]).mean())
+    threshold = np.broadcast_to(np.asarray(au_threshold, np.float64), (len(AU_NAMES),))
+    per_au = []
+    for k in range(t["au"].shape[1]):
+        ok = t["au"][:, k] >= 0
+        per_au.append(float(f1_per_class((p["au"][ok, k] >= threshold[k]).astype(int),
+                                         t["au"][ok, k].astype(int), 2)[1]))
+    au_f1 = float(np.mean(per_au))
+    return {"p_mtl": 0.5 * (ccc_valence + ccc_arousal) + expression_f1 + au_f1,
+            "ccc_valence": ccc_valence, "ccc_arousal": ccc_arousal,
+            "expression_f1": expression_f1, "au_f1": au_f1,
+            "au_f1_per_au": dict(zip(AU_NAMES, per_au)),
+            "frames": {"va": int(va_ok.sum()), "expression": int(labelled.sum()),
+                       "au": int((t["au"] >= 0).all(1).sum())}}
+
+
+def tuned_au_thresholds(probabilities, au, grid=tuple(round(0.1 * k, 1) for k in range(1, 10))):
+    """Per AU, the threshold in `grid` with the best F1 on these frames. Chosen on the split it
+    is then scored on, so that score is optimistic (the ABAW teams report it as such)."""
+    probabilities, au = np.asarray(probabilities), np.asarray(au)
+    best = []
+    for k in range(au.shape[1]):
+        ok = au[:, k] >= 0
+        scores = [f1_per_class((probabilities[ok, k] >= g).astype(int), au[ok, k].astype(int), 2)[1]
+                  for g in grid]
+        best.append(grid[int(np.argmax(scores))])
+    return best
+
+
+# The tasks. Each is one row: what its head outputs, which labels of a batch it reads, its loss,
+# the metrics its protocol reports, the one number that picks best.pt (higher is better), and
+# how one output reads as a prediction. train.py and eval.py read these and never branch on the
+# task's name.
+
+@dataclass(frozen=True)
+class Task:
+    outputs: object             # num_classes -> width of the head
+    labels: tuple               # batch keys the loss and metrics read ("target", "va", "au")
+    loss: object                # (model, outputs, targets) -> scalar
+    metrics: object             # (outputs, targets, classes) -> dict
+    selection: object           # (metrics, dataset name) -> float
+    predict: object             # (one output row, classes) -> (label text, {name: value})
+    angles: bool = False        # its "target" is head pose, which augmentation must move
+
+
+def expression_metrics(logits, labels, classes):
+    """Classification metrics; on AffectNet-8 also the 7-class score (Contempt dropped)."""
+    metrics = classification_metrics(logits.argmax(1).numpy(), labels.numpy(), classes)
+    if len(classes) == 8 and classes[7] == "Contempt":
+        logits7, labels7 = without_class(logits, labels, 7)
+        seven = classification_metrics(logits7.argmax(1).numpy(), labels7.numpy(), classes[:7])
+        metrics["seven_class"] = {k: seven[k] for k in ("samples", "accuracy", "balanced_accuracy",
+                                                        "macro_f1")}
+    return metrics
+
+
+def expression_score(metrics, dataset):
+    """Accuracy, as the expression papers report; macro-F1 on Aff-Wild2, as ABAW scores it."""
+    return metrics["macro_f1" if dataset == "affwild2" else "accuracy"]
+
+
+def class_prediction(logits, classes):
+    probabilities = logits.float().softmax(0).tolist()
+    names = classes or [str(c) for c in range(len(probabilities))]
+    return names[int(np.argmax(probabilities))], dict(zip(names, probabilities))
+
+
+def va_prediction(output):
+    valence, arousal = valence_arousal(output[None])[0].tolist()
+    return {"valence": valence, "arousal": arousal}
+
+
+def mtl_split(outputs, num_classes):
+    """MTL head outputs -> (expression logits, valence/arousal in (-1, 1), AU probabilities)."""
+    return (outputs[:, :num_classes], torch.tanh(outputs[:, num_classes:num_classes + 2].float()),
+            torch.sigmoid(outputs[:, num_classes + 2:].float()))
+
+
+def mtl_metrics(outputs, targets, classes):
+    expression, va, au = mtl_split(outputs, len(classes))
+    scores = p_mtl({"va": va, "expression": expression, "au": au},
+                   {"va": targets["va"], "expression": targets["target"], "au": targets["au"]})
+    tuned = tuned_au_thresholds(au.numpy(), targets["au"].numpy())
+    optimistic = p_mtl({"va": va, "expression": expression, "au": au},
+                       {"va": targets["va"], "expression": targets["target"], "au": targets["au"]}, tuned)
+    return {**scores, "tuned_thresholds_optimistic": {
+        "p_mtl": optimistic["p_mtl"], "au_f1": optimistic["au_f1"],
+        "thresholds": dict(zip(AU_NAMES, tuned))}}
+
+
+def mtl_prediction(output, classes):
+    expression, va, au = mtl_split(output[None], len(classes))
+    label, scores = class_prediction(expression[0], classes)
+    scores.update(valence=float(va[0, 0]), arousal=float(va[0, 1]),
+                  **{name: float(p) for name, p in zip(AU_NAMES, au[0])})
+    active = [name for name, p in zip(AU_NAMES, au[0]) if p >= 0.5]
+    return f"{label} (valence {va[0, 0]:.3f}, arousal {va[0, 1]:.3f}; {' '.join(active) or 'no AU'})", scores
+
+
+def angles_prediction(output, classes):
+    angles = pose_expectation(output.view(1, 3, POSE_BINS))[0].tolist()
+    return " ".join(f"{a:.1f}" for a in angles), dict(zip(("yaw", "pitch", "roll"), angles))
+
+
+def expr_va_prediction(output, classes):
+    label, scores = class_prediction(output[:-2], classes)
+    scores.update(va_prediction(output))
+    return f"{label} (valence {scores['valence']:.3f}, arousal {scores['arousal']:.3f})", scores
+
+
+TASKS = {
+    # expression or gender: the classes
+    "classify": Task(
+        outputs=lambda classes: classes, labels=("target",),
+        loss=lambda m, out, t: classification_loss(out, t["target"], m.weights, m.label_smoothing),
+        metrics=lambda out, t, classes: expression_metrics(out, t["target"], classes),
+        selection=expression_score,
+        predict=class_prediction),
+    # valence and arousal (Aff-Wild2's VA challenge)
+    "va": Task(
+        outputs=lambda classes: 2, labels=("va",),
+        loss=lambda m, out, t: va_loss(valence_arousal(out), t["va"]),
+        metrics=lambda out, t, classes: va_metrics(valence_arousal(out), t["va"]),
+        selection=lambda metrics, dataset: metrics.get("ccc_mean", -1.0),
+        predict=lambda out, classes: ("valence {valence:.3f} arousal {arousal:.3f}".format(
+            **va_prediction(out)), va_prediction(out))),
+    # both in one head, as HSEmotion's multi-task EfficientNet: class-weighted CE + (1 - CCC)s
+    "expr_va": Task(
+        outputs=lambda classes: classes + 2, labels=("target", "va"),
+        loss=lambda m, out, t: (classification_loss(out[:, :-2], t["target"], m.weights,
+                                                    m.label_smoothing)
+                                + va_loss(valence_arousal(out), t["va"])),
+        metrics=lambda out, t, classes: {**expression_metrics(out[:, :-2], t["target"], classes),
+                                         **va_metrics(valence_arousal(out), t["va"])},
+        selection=lambda metrics, dataset: (expression_score(metrics, dataset)
+                                            + metrics.get("ccc_mean", 0.0)),  # ABAW-style sum
+        predict=expr_va_prediction),
+    # head pose, Hopenet's bins: yaw, pitch, roll in degrees
+    "pose": Task(
+        outputs=lambda classes: 3 * POSE_BINS, labels=("target",),
+        loss=lambda m, out, t: pose_loss(out, t["target"], m.pose_alpha),
+        metrics=lambda out, t, classes: pose_metrics(
+            pose_expectation(out.view(-1, 3, POSE_BINS)), t["target"]),
+        selection=lambda metrics, dataset: -metrics["mae_mean"],
+        predict=angles_prediction, angles=True),
+    # ABAW-4's multi-task challenge: expressions, valence/arousal and 12 AUs, each masked
+    "mtl": Task(
+        outputs=lambda classes: classes + 2 + len(AU_NAMES), labels=("target", "va", "au"),
+        loss=lambda m, out, t: mtl_loss(out, t, m.num_classes, m.weights, m.mtl_weights,
+                                        m.au_pos_weight),
+        metrics=mtl_metrics,
+        selection=lambda metrics, dataset: metrics["p_mtl"],  # at AU threshold 0.5
+        predict=mtl_prediction),
+}
+
+
+def task_outputs(task, num_classes=None):
+    """Width of the task head (TASKS[task].outputs), with a clear error for an unknown task."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {tuple(TASKS)}")
+    return TASKS[task].outputs(num_classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,9 +557,10 @@ class HMTL(nn.Module):
                  perceptual="backbone", perceptual_weight=1.0, regions_per_image=2,
                  mask_fill="zero", weights=None, label_smoothing=0.0, pose_alpha=0.001,
                  dropout=None, stochastic_depth=None, memory_efficient=False, vgg_weights=None,
-                 head="linear", graph=None, node_vectors=None):
+                 head="linear", graph=None, node_vectors=None, mtl_weights=(1.0, 1.0, 1.0),
+                 au_pos_weight=None):
         super().__init__()
-        for name, value, allowed in (("task", task, TASKS), ("ssl", ssl, SSL_TASKS),
+        for name, value, allowed in (("task", task, tuple(TASKS)), ("ssl", ssl, SSL_TASKS),
                                      ("view", view, VIEWS), ("perceptual", perceptual, PERCEPTUAL),
                                      ("head", head, HEADS)):
             if value not in allowed:
@@ -297,6 +577,7 @@ class HMTL(nn.Module):
         self.grid, self.regions_per_image, self.mask_fill = grid, regions_per_image, mask_fill
         self.perceptual, self.perceptual_weight = perceptual, perceptual_weight
         self.label_smoothing, self.pose_alpha = label_smoothing, pose_alpha
+        self.num_classes, self.mtl_weights = num_classes, tuple(mtl_weights)
         regularisation = {k: v for k, v in (("dropout", dropout), ("stochastic_depth", stochastic_depth))
                           if v is not None}  # None: the variant's own (0.2/0.3 and 0.2)
         # From scratch, every residual block starts as the identity (zero_init_residual): with
@@ -311,6 +592,8 @@ class HMTL(nn.Module):
         nn.init.zeros_(self.encoder.classifier[1].weight)
         self.register_buffer("weights", None if weights is None else
                              torch.as_tensor(weights, dtype=torch.float32), persistent=False)
+        self.register_buffer("au_pos_weight", None if au_pos_weight is None else
+                             torch.as_tensor(au_pos_weight, dtype=torch.float32), persistent=False)
         width = self.encoder.num_features
         if head == "gcn":
             self.graph_head = GraphHead(graph, width, node_vectors)
@@ -338,17 +621,9 @@ class HMTL(nn.Module):
         return self.task_head(self.encoder.pool(self.encoder.forward_features(images)))
 
     def task_loss(self, outputs, targets):
-        """targets: class indices ("classify"), (N, 2) valence/arousal ("va"), the pair
-        (class indices, valence/arousal) ("expr_va"), or (N, 3) degrees ("pose")."""
-        if self.task == "classify":
-            return classification_loss(outputs, targets, self.weights, self.label_smoothing)
-        if self.task == "va":
-            return va_loss(valence_arousal(outputs), targets)
-        if self.task == "expr_va":  # class-weighted CE + (1 - CCC_v) + (1 - CCC_a)
-            labels, va = targets
-            return (classification_loss(outputs[:, :-2], labels, self.weights, self.label_smoothing)
-                    + va_loss(valence_arousal(outputs), va))
-        return pose_loss(outputs, targets, self.pose_alpha)
+        """targets: {"target": class indices or (N, 3) degrees, "va": (N, 2), "au": (N, 12)},
+        the keys TASKS[task].labels names."""
+        return TASKS[self.task].loss(self, outputs, targets)
 
     def perceptual_net(self):
         if self.perceptual == "none":
@@ -405,7 +680,8 @@ class HMTL(nn.Module):
         loss = self.task_weight * task + self.lambda_ssl * ssl
         return {"loss": loss, "task": task.detach(), "ssl": ssl.detach(), **parts}, outputs
 
-def model_from_config(config, num_classes, weights=None, graph=None, node_vectors=None):
+def model_from_config(config, num_classes, weights=None, graph=None, node_vectors=None,
+                      au_pos_weight=None):
     """The HMTL model a resolved train.py config describes (one place, for train.py and eval.py).
     `graph` and `node_vectors`: the GCN head's (emotion_graph(), read_node_vectors())."""
     task_weight = config["task_weight"]
@@ -417,7 +693,9 @@ def model_from_config(config, num_classes, weights=None, graph=None, node_vector
                 weights=weights, label_smoothing=config["label_smoothing"],
                 pose_alpha=config["pose_alpha"], dropout=config["dropout"],
                 stochastic_depth=config["stochastic_depth"], head=config.get("head", "linear"),
-                graph=graph, node_vectors=node_vectors)
+                graph=graph, node_vectors=node_vectors,
+                mtl_weights=config.get("mtl_weights", DEFAULTS["mtl_weights"]),
+                au_pos_weight=au_pos_weight)
 
 
 def export(model):
@@ -444,8 +722,9 @@ DEFAULTS = dict(
     image_size=224, batch_size=128, epochs=80, lr=1e-3, weight_decay=1e-2, warmup_epochs=3,
     optimizer="adamw", augment="weak", imbalance="weights", train_fraction=1.0,
     label_smoothing=0.0, pose_alpha=0.001, dropout=None, stochastic_depth=None,
-    head="linear", node_vectors=None, gcn_lr_scale=0.01,
+    head="linear", node_vectors=None, gcn_lr_scale=0.01, mtl_weights=[1.0, 1.0, 1.0],
 )
+# mtl_weights: the weights of the MTL loss's terms, in MTL_TERMS order (va, expression, au).
 # gcn_lr_scale: the GCN head's weights are a product, W = A·LeakyReLU(A·E·W1)·W2. Adam moves
 # every factor by ~lr per step, so W moves far faster than a linear head's weights would (up
 # to the 512-wide inner dimension times), and the expressions learn slowly. Measured on the

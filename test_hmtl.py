@@ -480,9 +480,13 @@ def test_pretext_gradients_reach_the_encoder(ssl, view):
 
 
 @pytest.mark.parametrize("task,targets", [
-    ("classify", torch.tensor([0, 3, 7, 1])),
-    ("va", torch.tensor([[0.1, 0.2], [-0.5, 0.3], [-2.0, -2.0], [0.7, -0.9]])),
-    ("pose", torch.tensor([[10.0, -5.0, 2.0], [-60.0, 20.0, 0.0], [0.0, 0.0, 0.0], [90.0, -80.0, 30.0]]))])
+    ("classify", {"target": torch.tensor([0, 3, 7, 1])}),
+    ("va", {"va": torch.tensor([[0.1, 0.2], [-0.5, 0.3], [-2.0, -2.0], [0.7, -0.9]])}),
+    ("pose", {"target": torch.tensor([[10.0, -5.0, 2.0], [-60.0, 20.0, 0.0], [0.0, 0.0, 0.0],
+                                      [90.0, -80.0, 30.0]])}),
+    ("mtl", {"target": torch.tensor([0, -1, 7, 1]),
+             "va": torch.tensor([[0.1, 0.2], [-5.0, -5.0], [0.4, -0.3], [0.7, -0.9]]),
+             "au": torch.tensor([[1.0] * 6 + [0.0] * 6, [-1.0] * 12, [0.0] * 12, [1.0] * 12])})])
 @pytest.mark.parametrize("ssl", ["none", "puzzle", "inpaint"])
 def test_joint_loss_is_task_plus_lambda_ssl(task, targets, ssl):
     torch.manual_seed(0)
@@ -505,7 +509,7 @@ def test_shared_view_feeds_the_task_head_the_transformed_image():
         model = hmtl.HMTL("b0", "classify", 8, "puzzle", view=view).eval()  # BN: no batch mixing
         torch.nn.init.normal_(model.encoder.classifier[1].weight)  # the head starts at zero
         with torch.no_grad():
-            _, outputs = model.losses(images, labels, generator=torch.Generator().manual_seed(0))
+            _, outputs = model.losses(images, {"target": labels}, generator=torch.Generator().manual_seed(0))
             puzzled, _ = ssl_tasks.puzzle(images, 3, torch.Generator().manual_seed(0))
             clean, transformed = model(images), model(puzzled)
         torch.testing.assert_close(outputs, clean if sees_clean else transformed)
@@ -516,7 +520,7 @@ def test_export_drops_the_pretext_heads_and_keeps_the_task_outputs(ssl):
     torch.manual_seed(0)
     model = hmtl.HMTL("b0", "classify", 8, ssl).train()
     for _ in range(2):  # move BN statistics and weights away from their initial values
-        parts, _ = model.losses(torch.randn(4, 3, 64, 64), torch.randint(0, 8, (4,)))
+        parts, _ = model.losses(torch.randn(4, 3, 64, 64), {"target": torch.randint(0, 8, (4,))})
         parts["loss"].backward()
         with torch.no_grad():
             for p in model.parameters():
@@ -543,7 +547,7 @@ def test_a_fresh_model_knows_nothing_and_its_residual_blocks_start_as_the_identi
     torch.manual_seed(0)
     model = hmtl.HMTL("b0", "classify", 8, ssl, view="separate").train()
     images = 3 * torch.randn(16, 3, 64, 64)
-    parts, outputs = model.losses(images, torch.randint(0, 8, (16,)),
+    parts, outputs = model.losses(images, {"target": torch.randint(0, 8, (16,))},
                                   generator=torch.Generator().manual_seed(0))
     assert torch.equal(outputs, torch.zeros_like(outputs))
     assert parts["task"].item() == pytest.approx(math.log(8), abs=1e-6)
@@ -1511,7 +1515,7 @@ def test_demo_is_written_once_in_affectnet_layout(tmp_path):
 def test_classification_metrics_known_answer():
     labels = [0, 0, 0, 0, 1, 1, 2, 2]
     predictions = [0, 0, 0, 1, 1, 0, 2, 1]
-    m = evaluation.classification_metrics(predictions, labels, ["a", "b", "c"])
+    m = hmtl.classification_metrics(predictions, labels, ["a", "b", "c"])
     assert m["confusion"] == [[3, 1, 0], [1, 1, 0], [0, 1, 1]]
     assert m["accuracy"] == pytest.approx(5 / 8)
     assert m["per_class_recall"] == pytest.approx({"a": 0.75, "b": 0.5, "c": 0.5})
@@ -1527,10 +1531,9 @@ def test_seven_class_score_of_an_eight_class_model():
     logits[2, 7], logits[2, 2] = 9, 3   # Sad sample whose top logit is Contempt: now Sad, right
     logits[3, 0] = 5            # Anger sample predicted Neutral: wrong
     labels = torch.tensor([1, 7, 2, 6])
-    logits7, labels7 = evaluation.without_class(logits, labels, 7)
+    logits7, labels7 = hmtl.without_class(logits, labels, 7)
     assert logits7.shape == (3, 7) and labels7.tolist() == [1, 2, 6]
-    metrics = evaluation.task_metrics("classify", logits, labels, torch.zeros(4, 2),
-                                      data.AFFECTNET_CLASSES)
+    metrics = hmtl.TASKS["classify"].metrics(logits, {"target": labels}, data.AFFECTNET_CLASSES)
     assert metrics["seven_class"]["samples"] == 3
     assert metrics["seven_class"]["accuracy"] == pytest.approx(2 / 3)
     assert metrics["accuracy"] == pytest.approx(2 / 4)
@@ -1538,10 +1541,10 @@ def test_seven_class_score_of_an_eight_class_model():
 
 def test_pose_and_va_metrics():
     target = torch.tensor([[10.0, 0.0, -5.0], [20.0, 5.0, 5.0]])
-    m = evaluation.pose_metrics(target + torch.tensor([[1.0, -2.0, 3.0], [-1.0, 2.0, 3.0]]), target)
+    m = hmtl.pose_metrics(target + torch.tensor([[1.0, -2.0, 3.0], [-1.0, 2.0, 3.0]]), target)
     assert (m["mae_yaw"], m["mae_pitch"], m["mae_roll"], m["mae_mean"]) == pytest.approx((1, 2, 3, 2))
     va = torch.tensor([[0.1, 0.2], [0.5, -0.3], [-2.0, -2.0], [0.9, 0.7]])
-    m = evaluation.va_metrics(va.clone(), va)
+    m = hmtl.va_metrics(va.clone(), va)
     assert m["ccc_valence"] == pytest.approx(1, abs=1e-5) and m["rmse_arousal"] == 0
 
 
@@ -1791,12 +1794,12 @@ def test_expression_and_valence_arousal_in_one_head():
     assert hmtl.task_outputs("expr_va", 8) == 10 and model.encoder.classifier[1].out_features == 10
     labels = torch.tensor([0, 1, 7, 3])
     va = torch.tensor([[0.1, 0.2], [0.7, 0.4], [-2.0, -2.0], [-0.5, 0.6]])
-    parts, outputs = model.losses(torch.randn(4, 3, 64, 64), (labels, va))
+    parts, outputs = model.losses(torch.randn(4, 3, 64, 64), {"target": labels, "va": va})
     expected = (F.cross_entropy(outputs[:, :8].detach().float(), labels, weight=weights)
                 + hmtl.va_loss(torch.tanh(outputs[:, 8:].detach()), va))
     torch.testing.assert_close(parts["task"], expected)
-    metrics = evaluation.task_metrics("expr_va", outputs.detach(), labels, va,
-                                      data.AFFECTNET_CLASSES)
+    metrics = hmtl.TASKS["expr_va"].metrics(outputs.detach(), {"target": labels, "va": va},
+                                            data.AFFECTNET_CLASSES)
     assert {"accuracy", "macro_f1", "ccc_valence", "ccc_arousal", "seven_class"} <= set(metrics)
 
 
@@ -1882,7 +1885,7 @@ def test_gcn_head_shapes_gradients_and_export():
     weights = model.graph_head.node_weights()
     assert weights.shape == (5, 1280) and model.graph_head.node_embeddings.shape == (5, 300)
     labels, va = torch.tensor([0, 1, 2, 0]), torch.tensor([[0.5, 0.1], [-0.3, 0.2], [0.0, -5.0], [0.9, 0.4]])
-    parts, outputs = model.losses(torch.randn(4, 3, 64, 64), (labels, va))
+    parts, outputs = model.losses(torch.randn(4, 3, 64, 64), {"target": labels, "va": va})
     assert outputs.shape == (4, 5) and {"task", "ssl"} <= set(parts)
     parts["loss"].backward()
     head = model.graph_head
@@ -2059,7 +2062,8 @@ def test_bench_reports_every_contender():
     assert models_rows[1]["activation_mib"] < models_rows[2]["activation_mib"]
     hmtl_rows = [r for r in rows if r["part"] == "hmtl"]
     assert [r["model"] for r in hmtl_rows] == ["SL", "SL + puzzle", "SL + inpaint (perceptual: backbone)",
-                                               "SL expr_va", "SL expr_va, GCN head"]
+                                               "SL expr_va", "SL expr_va, GCN head",
+                                               "SL mtl (VA + expressions + 12 AUs)"]
     assert hmtl_rows[0]["ratio_vs_sl"] == 1.0 and all(r["images_per_s"] > 0 for r in hmtl_rows)
     data_rows = [r for r in rows if r["part"] == "data"]
     assert len(data_rows) == 5 and data_rows[-1]["ratio_vs_step"] == 1.0

@@ -37,7 +37,7 @@ MODEL_KEYS = ("dataset", "classes", "task", "head", "arch", "ssl", "view", "grid
               "image_size")  # a checkpoint must agree on these to be resumed
 
 
-VA_DATASETS = ("affectnet", "demo", "affwild2", "affwild2_va")  # those with valence/arousal
+LABEL_NAMES = {"target": "class", "va": "valence/arousal", "au": "action-unit"}
 
 
 def parse_args(argv=None):
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     g.add_argument("--dataset", choices=list(data.READERS))
     g.add_argument("--data-root", help="the dataset folder as downloaded (not needed for demo)")
     g.add_argument("--classes", type=int, help="protocol: AffectNet 8 or 7")
-    g.add_argument("--task", choices=hmtl.TASKS,
+    g.add_argument("--task", choices=list(hmtl.TASKS),
                    help="classify, va (valence/arousal), expr_va (both, one head) or pose")
     g.add_argument("--head", choices=hmtl.HEADS,
                    help="linear (the encoder's classifier) or gcn (Emotion-GCN; --task expr_va)")
@@ -73,6 +73,8 @@ def parse_args(argv=None):
     g.add_argument("--gcn-lr-scale", type=float, help="GCN head's learning rate / --lr")
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--pose-alpha", type=float, help="weight of the angle MSE in the pose loss")
+    g.add_argument("--mtl-weights", type=float, nargs=3, metavar=("VA", "EXPRESSION", "AU"),
+                   help="--task mtl: the weights of its three loss terms (default 1 1 1)")
     g.add_argument("--dropout", type=float, help="before the classifier (default B0 0.2, B2 0.3)")
     g.add_argument("--stochastic-depth", type=float, help="last block's drop rate (default 0.2)")
     g = p.add_argument_group("optimisation")
@@ -126,6 +128,8 @@ def resolve_config(args):
         config["task"], config["classes"] = "pose", None
     if config["dataset"] == "affwild2_va":  # the VA challenge's frames: no expression labels
         config["task"], config["classes"] = "va", None
+    if config["dataset"] == "affwild2_mtl" and args.task is None:  # the MTL challenge's frames
+        config["task"] = "mtl"
     config["recipe"] = name
     return config
 
@@ -320,8 +324,10 @@ def main(argv=None, on_step=None):
         raise SystemExit(f"error: {faces.name} has no training split"
                          + (" (CK+ is evaluated: python eval.py --dataset ckplus --checkpoint ...)"
                             if faces.name == "ckplus" else ""))
-    if config["task"] in ("va", "expr_va") and faces.name not in VA_DATASETS:
-        raise SystemExit(f"error: --task {config['task']} needs valence/arousal labels; "
+    task = hmtl.TASKS[config["task"]]
+    missing = [LABEL_NAMES[k] for k in task.labels if k not in faces.labels]
+    if missing:
+        raise SystemExit(f"error: --task {config['task']} needs {' and '.join(missing)} labels; "
                          f"{faces.name} has none")
     size = config["image_size"]
     if (args.prepare or faces.name == "demo") and main_process:
@@ -341,8 +347,13 @@ def main(argv=None, on_step=None):
         train_set = data.open_split(faces, "train", size, data_root, config["classes"], kept)
         targets = train_set.targets()
     num_classes = len(faces.classes) if faces.classes else None
-    counts = torch.bincount(targets, minlength=num_classes) if targets is not None else None
+    labelled = targets[targets >= 0] if targets is not None else None  # MTL frames may lack one
+    counts = torch.bincount(labelled, minlength=num_classes) if targets is not None else None
     weights = hmtl.class_weights(counts) if config["imbalance"] == "weights" and counts is not None else None
+    au_pos_weight = None
+    if "au" in task.labels and config["imbalance"] == "weights":  # rare AUs: negatives / positives
+        au = train_set.au_targets()
+        au_pos_weight = ((au == 0).sum(0).float() / (au == 1).sum(0).clamp(min=1)).clamp(min=1)
     sampler = data.EpochSampler(
         len(train_set), seed,
         data.oversampling_weights(targets) if config["imbalance"] == "oversample" and targets is not None else None,
@@ -359,7 +370,7 @@ def main(argv=None, on_step=None):
     # whatever the data side drew from the global RNG (building a cache, say)
     torch.manual_seed(seed + rank)
     graph, node_vectors = graph_head_inputs(config, faces, train_set, checkpoint, log)
-    model = hmtl.model_from_config(config, num_classes, weights, graph, node_vectors)
+    model = hmtl.model_from_config(config, num_classes, weights, graph, node_vectors, au_pos_weight)
     if checkpoint is None:
         init_weights(model, config)
     region_layout = None
@@ -461,16 +472,13 @@ def main(argv=None, on_step=None):
                 images = batch["image"].to(device, non_blocking=True)
                 landmarks = batch["landmarks"].to(device, non_blocking=True)
                 has_landmarks = batch["has_landmarks"].to(device, non_blocking=True)
-                pose = batch["target"].to(device) if config["task"] == "pose" else None
-                images, landmarks, pose = data.augment(images, config["augment"], landmarks, pose,
-                                                       augment_rng)
+                task_targets = {key: batch[key].to(device, non_blocking=True) for key in task.labels}
+                angles = task_targets["target"] if task.angles else None  # flips move head pose
+                images, landmarks, angles = data.augment(images, config["augment"], landmarks,
+                                                         angles, augment_rng)
+                if task.angles:
+                    task_targets["target"] = angles
                 images = images.contiguous(memory_format=memory_format)
-                if config["task"] == "pose":
-                    task_targets = pose
-                elif config["task"] == "expr_va":
-                    task_targets = (batch["target"].to(device), batch["va"].to(device))
-                else:
-                    task_targets = batch["va" if config["task"] == "va" else "target"].to(device)
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     parts, _ = joint(images, task_targets, landmarks, has_landmarks, augment_rng)
                 loss = parts["loss"]
