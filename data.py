@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import hmtl
 import models
 import ssl_tasks
 
@@ -977,6 +978,106 @@ def read_affwild2_affect(path, reasons):
     return pairs
 
 
+# Aff-Wild2 in ABAW-4's multi-task challenge release (s-Aff-Wild2): one annotation file per
+# split, a header, then "video/frame.jpg,valence,arousal,expression,AU1,...,AU26" per frame,
+# with the frames in cropped_aligned/. Missing: VA -5 (both are masked when either is),
+# expression -1, AUs -1. Each frame may carry any subset of the three tasks.
+
+AFFWILD2_MTL_FILES = {"train": "training_set_annotations.txt", "val": "validation_set_annotations.txt"}
+AFFWILD2_MTL_CLASSES = ["Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise",
+                        "Other"]
+
+
+def read_affwild2_mtl(root):
+    frames = find(root, "cropped_aligned", "Aff-Wild2 (face crops)", depth=3)
+    splits, skipped = {}, {}
+    for split, filename in AFFWILD2_MTL_FILES.items():
+        path = find(root, filename, "Aff-Wild2 MTL annotations", depth=3)
+        rows = csv.reader(text_lines(path, "Aff-Wild2 MTL"))
+        header = [h.strip() for h in next(rows, [])]
+        if header[:4] != ["image", "valence", "arousal", "expression"] or \
+                tuple(header[4:]) != hmtl.AU_NAMES:
+            raise DatasetError(f"Aff-Wild2 MTL: {path} does not start with the header "
+                               f"image,valence,arousal,expression,{','.join(hmtl.AU_NAMES)}")
+        samples, reasons, seen, listings = [], Counter(), set(), {}
+        for row in rows:
+            if not row or not row[0].strip():
+                continue
+            name = row[0].strip()
+            try:
+                values = [float(v) for v in row[1:]]
+            except ValueError:
+                reasons["malformed row (non-numeric field)"] += 1
+                continue
+            if len(values) != 3 + AU_COUNT:
+                reasons[f"malformed row ({len(row)} fields, expected {4 + AU_COUNT})"] += 1
+                continue
+            valence, arousal, expression, units = values[0], values[1], values[2], values[3:]
+            va = None if -5 in (valence, arousal) else (valence, arousal)
+            if (va and max(abs(valence), abs(arousal)) > 1) or expression not in range(-1, 8) or \
+                    any(u not in (-1, 0, 1) for u in units):
+                reasons["label outside its range (VA [-1, 1] or -5; expression -1..7; AU -1, 0, 1)"] += 1
+                continue
+            if name in seen:
+                reasons["duplicate image name (the first row kept)"] += 1
+                continue
+            seen.add(name)
+            if va is None and expression == -1 and all(u == -1 for u in units):
+                reasons["no label for any task"] += 1
+                continue
+            video, _, frame = name.rpartition("/")
+            if video not in listings:
+                folder = os.path.join(frames, video)
+                listings[video] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+            if frame not in listings[video]:
+                reasons["image file missing"] += 1
+                continue
+            samples.append(Sample(os.path.join(frames, video, frame), int(expression),
+                                  va=va or (-5.0, -5.0), subject=video,
+                                  au=tuple(int(u) for u in units)))
+        splits[split], skipped[split] = samples, reasons
+    return FaceData("affwild2_mtl", "classify", AFFWILD2_MTL_CLASSES, splits, skipped, "val",
+                    margin=0.0, region_layout=ALIGNED_LAYOUT, labels=("target", "va", "au"))
+
+
+# ABAW-4's learning-from-synthetic-data challenge: train on synthetic faces, validate on real
+# ones, each split a folder per class. The challenge's class order, its folder names (sic).
+ABAW_LSD_FOLDERS = ("ANGRER", "DISGUST", "FEAR", "HAPPINESS", "SADNESS", "SURPRISE")
+ABAW_LSD_CLASSES = ["Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise"]
+ABAW_LSD_SPLITS = {"train": "training_set_synthetic_images", "val": "validation_set_real_images"}
+
+
+def read_abaw_lsd(root):
+    """Scored by macro-F1 over the 6 classes (hmtl.expression_score). The synthetic training
+    set is about half sadness: the class weights (--imbalance weights, the default) or
+    oversampling apply as on any dataset."""
+    folders = {folder.lower(): k for k, folder in enumerate(ABAW_LSD_FOLDERS)}
+    folders["anger"] = 0  # in case a copy fixed the spelling
+    splits, skipped = {}, {}
+    for split, name in ABAW_LSD_SPLITS.items():
+        base = find(root, name, "ABAW LSD", depth=3)
+        samples, reasons = [], Counter()
+        for folder in sorted(os.listdir(base)):
+            path = os.path.join(base, folder)
+            if not os.path.isdir(path) or folder == CACHE_FOLDER:
+                continue
+            files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if folder.lower() not in folders:
+                reasons[f"folder {folder!r} is not one of the challenge's 6 classes"] += len(files)
+                continue
+            samples += [Sample(os.path.join(path, f), folders[folder.lower()]) for f in files]
+        splits[split], skipped[split] = samples, reasons
+    return FaceData("abaw_lsd", "classify", ABAW_LSD_CLASSES, splits, skipped, "val", margin=0.0,
+                    region_layout=ALIGNED_LAYOUT)
+
+
+def task_label_counts(samples):
+    """Per task, how many samples carry its label (the MTL datasets' frames carry any subset)."""
+    return {"va": sum(1 for s in samples if s.va is not None and max(map(abs, s.va)) <= 1),
+            "expression": sum(1 for s in samples if isinstance(s.target, int) and s.target >= 0),
+            "au": sum(1 for s in samples if s.au is not None and min(s.au) >= 0)}
+
+
 # ----------------------------------------------------------------------------------------------
 # The built-in demo: synthetic faces whose 8 expressions (AffectNet's classes) are carried by
 # fine details (mouth curve and opening, brow height and slant, eye opening, a nose wrinkle, a
@@ -985,7 +1086,7 @@ def read_affwild2_affect(path, reasons):
 # AffectNet reader, protocol and landmarks included, plus a test.csv in the same format: a
 # held-out split that no model selection sees (validation.csv picks best.pt).
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3  # 3: action units (action_units.csv)
 USER_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "hmtl")
 DEMO_DEFAULT_ROOT = os.path.join(USER_CACHE, f"demo-v{DEMO_VERSION}")
 
@@ -1111,7 +1212,20 @@ def demo_face(rng, expression):
     x1, y1 = outline.max(0)
     valence, arousal = np.clip(np.array(DEMO_EXPRESSIONS[expression][8:]) * rng.uniform(0.6, 1.2)
                                + rng.normal(0, 0.08, 2), -1, 1)
-    return image, (x0, y0, x1 - x0, y1 - y0), landmarks, float(valence), float(arousal)
+    action_units = demo_action_units(brow_raise, slant, eye_open, curve, mouth_open, width, wrinkle)
+    return image, (x0, y0, x1 - x0, y1 - y0), landmarks, float(valence), float(arousal), action_units
+
+
+def demo_action_units(brow_raise, slant, eye_open, curve, mouth_open, width, wrinkle):
+    """ABAW's 12 action units (hmtl.AU_NAMES order), read off the geometry that drew the face,
+    as a FACS coder reads them off the movement: AU1 inner brow raised, AU2 brows raised, AU4
+    brows lowered or drawn in, AU6/AU12 a smile, AU7 narrowed eyes, AU10 the wrinkled nose of
+    disgust, AU15 corners down, AU23/AU24 lips narrowed and pressed, AU25 lips apart, AU26 a
+    dropped jaw. Each beyond a threshold of the drawn value (the neutral face has none)."""
+    return (int(slant > 0.05), int(brow_raise > 0.07), int(brow_raise < -0.03 or slant < -0.06),
+            int(curve > 0.08), int(eye_open < 0.8), int(wrinkle > 0.5), int(curve > 0.06),
+            int(curve < -0.06), int(width < 0.9), int(width < 0.9 and mouth_open < 0.05),
+            int(mouth_open > 0.08), int(mouth_open > 0.25))
 
 
 def make_demo(root=DEMO_DEFAULT_ROOT, train_per_class=300, val_per_class=50, test_per_class=100,
@@ -1129,6 +1243,7 @@ def make_demo(root=DEMO_DEFAULT_ROOT, train_per_class=300, val_per_class=50, tes
     lists = os.path.join(root, "Manually_Annotated_file_lists")
     os.makedirs(lists, exist_ok=True)
     index = 0
+    action_units = [["subDirectory_filePath", *hmtl.AU_NAMES]]
     for split, per_class, filename in (("train", train_per_class, "training.csv"),
                                        ("val", val_per_class, "validation.csv"),
                                        ("test", test_per_class, "test.csv")):
@@ -1138,8 +1253,8 @@ def make_demo(root=DEMO_DEFAULT_ROOT, train_per_class=300, val_per_class=50, tes
         rows = [["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
                  "facial_landmarks", "expression", "valence", "arousal"]]
         for label in rng.permutation(labels):
-            image, box, landmarks, valence, arousal = demo_face(rng, int(label) if label < 8 else
-                                                                int(rng.integers(0, 8)))
+            image, box, landmarks, valence, arousal, units = demo_face(
+                rng, int(label) if label < 8 else int(rng.integers(0, 8)))
             relative = f"{index // 500:03d}/{index:06d}.jpg"
             path = os.path.join(root, "Manually_Annotated_Images", relative)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1147,9 +1262,15 @@ def make_demo(root=DEMO_DEFAULT_ROOT, train_per_class=300, val_per_class=50, tes
             rows.append([relative, *(f"{v:.1f}" for v in box),
                          ";".join(f"{v:.2f}" for v in landmarks.ravel()), int(label),
                          f"{valence:.4f}", f"{arousal:.4f}"])
+            # a fifth of the faces has no AU labels, as ABAW's frames often lack one task's; a
+            # generator of its own, so the faces are those of a demo without AUs
+            unlabelled = np.random.default_rng([seed, index]).random() < 0.2
+            action_units.append([relative, *([-1] * AU_COUNT if unlabelled else units)])
             index += 1
         with open(os.path.join(lists, filename), "w", newline="") as f:
             csv.writer(f).writerows(rows)
+    with open(os.path.join(lists, "action_units.csv"), "w", newline="") as f:
+        csv.writer(f).writerows(action_units)
     with open(stamp, "w") as f:
         json.dump(settings, f)
     return root
@@ -1161,12 +1282,15 @@ def read_demo(root=None):
     if not os.path.exists(os.path.join(root, "demo-complete.json")):
         make_demo(root)
     data = read_affectnet(root, 8)
-    data.name = "demo"
+    data.name, data.labels = "demo", ("target", "va", "au")
+    with open(os.path.join(root, "Manually_Annotated_file_lists", "action_units.csv"), newline="") as f:
+        units = {row[0]: tuple(int(v) for v in row[1:]) for row in list(csv.reader(f))[1:]}
+    image_root = os.path.join(root, "Manually_Annotated_Images")
+    for samples in data.splits.values():
+        for sample in samples:
+            sample.au = units[os.path.relpath(sample.image, image_root).replace(os.sep, "/")]
     return data
 
-
-# ----------------------------------------------------------------------------------------------
-# Loading by name.
 
 # ----------------------------------------------------------------------------------------------
 # Where the facial parts sit, for the in-painting masks of crops without landmarks
@@ -1222,12 +1346,16 @@ def region_layout(data, size=128):
     return dict(ssl_tasks.CANONICAL_BOXES), "the default for detector crops (no landmarks, no template)"
 
 
+# ----------------------------------------------------------------------------------------------
+# Loading by name.
+
 READERS = {
     "affectnet": read_affectnet, "ckplus": read_ckplus, "300w_lp": read_300w_lp,
     "aflw2000": read_aflw2000, "biwi": read_biwi, "celeba": read_celeba,
     "utkface": read_utkface, "fer2013": read_fer2013, "ferplus": read_ferplus, "rafdb": read_rafdb,
     "folder": read_folder, "demo": read_demo, "affwild2": read_affwild2,
     "affwild2_va": functools.partial(read_affwild2, labels="va"),
+    "affwild2_mtl": read_affwild2_mtl, "abaw_lsd": read_abaw_lsd,
 }
 
 
@@ -1325,7 +1453,7 @@ def va_tensor(sample):
     return torch.tensor(sample.va if sample.va is not None else (-2.0, -2.0), dtype=torch.float32)
 
 
-AU_COUNT = 12  # ABAW's action units (hmtl.AU_NAMES)
+AU_COUNT = len(hmtl.AU_NAMES)  # ABAW's action units
 
 
 def au_tensor(sample):
@@ -1894,6 +2022,8 @@ def summarize(data, verify=False, size=64):
                                       round(float(angles[:, k].max()), 1)]
                                for k, name in enumerate(("yaw", "pitch", "roll"))}
         entry["with_landmarks"] = sum(s.landmarks is not None for s in samples)
+        if "au" in data.labels:  # frames labelled per task (DATASETS.md lists the published counts)
+            entry["labelled_for"] = task_label_counts(samples)
         if verify:
             failures = Counter()
             for item in FaceDataset(data, split, size):
@@ -1913,6 +2043,8 @@ def print_summary(report):
     print(f"{report['dataset']} ({report['task']})")
     for split, entry in report["splits"].items():
         print(f"  {split}: {entry['samples']} samples, {entry['with_landmarks']} with landmarks")
+        if "labelled_for" in entry:
+            print("    labelled for " + ", ".join(f"{task} {n}" for task, n in entry["labelled_for"].items()))
         for name, count in entry.get("per_class", {}).items():
             print(f"    {name:12} {count}")
         for name, (low, high) in entry.get("angles", {}).items():

@@ -85,12 +85,18 @@ p_mtl = hmtl.p_mtl
 
 def print_metrics(metrics, title):
     print(title)
-    for key in ("samples", "accuracy", "balanced_accuracy", "macro_f1", "ccc_valence",
+    for key in ("samples", "accuracy", "balanced_accuracy", "macro_f1", "p_mtl",
+                "p_mtl_constant_baseline", "expression_f1", "au_f1", "ccc_valence",
                 "ccc_arousal", "rmse_valence", "rmse_arousal", "mae_yaw", "mae_pitch",
                 "mae_roll", "mae_mean"):
         if key in metrics:
             value = metrics[key]
-            print(f"  {key:18} {value if isinstance(value, int) else f'{value:.4f}'}")
+            print(f"  {key:23} {value if isinstance(value, int) else f'{value:.4f}'}")
+    if "au_f1_per_au" in metrics:
+        print("  AU F1 at 0.5: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["au_f1_per_au"].items()))
+        tuned = metrics["tuned_thresholds_optimistic"]
+        print(f"  with per-AU thresholds tuned on this split (optimistic): P_MTL {tuned['p_mtl']:.4f}, "
+              f"AU F1 {tuned['au_f1']:.4f}")
     if "seven_class" in metrics:
         seven = metrics["seven_class"]
         print(f"  7-class (Contempt dropped): accuracy {seven['accuracy']:.4f}, "

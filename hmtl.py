@@ -218,7 +218,8 @@ def population_ccc(prediction, target):
 
 def p_mtl(predictions, targets, au_threshold=0.5):
     """ABAW-4's multi-task score: 0.5 (CCC_V + CCC_A) + macro-F1 over the 8 expressions + the
-    mean F1 over the 12 AUs, each over the frames labelled for it (VA: neither is -5;
+    mean F1 over the 12 AUs, each over the frames labelled for it (VA: both in [-1, 1], so
+    not ABAW's -5;
     expression: not -1; AUs: not -1). predictions: {"va": N x 2, "expression": N x 8 logits,
     "au": N x 12 probabilities}; targets: {"va": N x 2, "expression": N, "au": N x 12}; numpy
     or tensors. `au_threshold`: one number, or one per AU."""
@@ -226,7 +227,7 @@ def p_mtl(predictions, targets, au_threshold=0.5):
          for k, v in predictions.items()}
     t = {k: np.asarray(v.detach().cpu() if torch.is_tensor(v) else v, np.float64)
          for k, v in targets.items()}
-    va_ok = (t["va"] != -5).all(1)
+    va_ok = (np.abs(t["va"]) <= 1).all(1)  # ABAW's -5 (and AffectNet's -2): not labelled
     ccc_valence = population_ccc(p["va"][va_ok, 0], t["va"][va_ok, 0])
     ccc_arousal = population_ccc(p["va"][va_ok, 1], t["va"][va_ok, 1])
     labelled = t["expression"] >= 0
@@ -288,9 +289,12 @@ def expression_metrics(logits, labels, classes):
     return metrics
 
 
+MACRO_F1_DATASETS = ("affwild2", "abaw_lsd")  # scored by macro-F1, as the ABAW challenges do
+
+
 def expression_score(metrics, dataset):
-    """Accuracy, as the expression papers report; macro-F1 on Aff-Wild2, as ABAW scores it."""
-    return metrics["macro_f1" if dataset == "affwild2" else "accuracy"]
+    """Accuracy, as the expression papers report; macro-F1 on the ABAW challenges' sets."""
+    return metrics["macro_f1" if dataset in MACRO_F1_DATASETS else "accuracy"]
 
 
 def class_prediction(logits, classes):
@@ -317,7 +321,14 @@ def mtl_metrics(outputs, targets, classes):
     tuned = tuned_au_thresholds(au.numpy(), targets["au"].numpy())
     optimistic = p_mtl({"va": va, "expression": expression, "au": au},
                        {"va": targets["va"], "expression": targets["target"], "au": targets["au"]}, tuned)
-    return {**scores, "tuned_thresholds_optimistic": {
+    # the chance level to read P_MTL against: a constant answer (VA 0: CCC 0; the most frequent
+    # expression; every AU present, which is the best constant for F1)
+    labels = targets["target"][targets["target"] >= 0]
+    majority = int(labels.mode().values) if len(labels) else 0
+    constant = p_mtl({"va": torch.zeros_like(va), "expression": F.one_hot(
+        torch.full((len(va),), majority), expression.shape[1]).float(), "au": torch.ones_like(au)},
+        {"va": targets["va"], "expression": targets["target"], "au": targets["au"]})
+    return {**scores, "p_mtl_constant_baseline": constant["p_mtl"], "tuned_thresholds_optimistic": {
         "p_mtl": optimistic["p_mtl"], "au_f1": optimistic["au_f1"],
         "thresholds": dict(zip(AU_NAMES, tuned))}}
 

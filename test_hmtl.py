@@ -1207,6 +1207,144 @@ def test_affwild2_training_selects_by_macro_f1(affwild2_root, tmp_path, capsys):
     assert json.loads((tmp_path / "va" / "config.json").read_text())["task"] == "va"
 
 
+MTL_HEADER = "image,valence,arousal,expression," + ",".join(hmtl.AU_NAMES)
+
+
+@pytest.fixture
+def affwild2_mtl_root(tmp_path):
+    """s-Aff-Wild2 as ABAW-4's MTL challenge ships it: cropped_aligned/ and one annotation file
+    per split (CRLF), with every kind of missing label, a duplicate, a malformed row, a frame
+    without its image and a frame with no label at all."""
+    root = tmp_path / "ABAW4"
+    rng = np.random.default_rng(0)
+    rows = {"train": [], "val": []}
+    for split, videos in (("train", ("10-60-1280x720", "video2")), ("val", ("video9",))):
+        for video in videos:
+            for frame in range(1, 9):
+                name = f"{video}/{frame:05d}.jpg"
+                write_image(root / "cropped_aligned" / video / f"{frame:05d}.jpg", (32, 32),
+                            tuple(int(v) for v in rng.integers(0, 255, 3)))
+                va = ["-5", "-5"] if frame == 2 else [f"{rng.uniform(-1, 1):.3f}" for _ in range(2)]
+                expression = "-1" if frame == 3 else str(frame % 8)
+                units = ["-1"] * 12 if frame == 4 else [str(int(v)) for v in rng.integers(0, 2, 12)]
+                rows[split].append(",".join([name, *va, expression, *units]))
+    rows["train"] += ["video2/00001.jpg,0.1,0.1,1," + ",".join(["0"] * 12),      # duplicate
+                      "video2/00099.jpg,0.1,0.1,1," + ",".join(["0"] * 12),      # no image
+                      "video2/00003.jpg,0.1,x,1," + ",".join(["0"] * 12),        # malformed
+                      "video2/00010.jpg,-5,0.3,-1," + ",".join(["-1"] * 12)]      # -5 masks both: nothing left
+    write_image(root / "cropped_aligned" / "video2" / "00010.jpg", (32, 32))
+    annotations = root / "MTL_Challenge"
+    annotations.mkdir(parents=True)
+    for split, filename in data.AFFWILD2_MTL_FILES.items():
+        (annotations / filename).write_bytes(("\r\n".join([MTL_HEADER, *rows[split]]) + "\r\n").encode())
+    return root
+
+
+def test_affwild2_mtl_reads_every_task_with_its_own_mask(affwild2_mtl_root, capsys):
+    d = data.load("affwild2_mtl", str(affwild2_mtl_root))
+    assert d.labels == ("target", "va", "au") and d.classes[4] == "Happiness"
+    assert len(d.splits["train"]) == 16 and len(d.splits["val"]) == 8
+    assert d.skipped["train"] == Counter({
+        "duplicate image name (the first row kept)": 1, "image file missing": 1,
+        "malformed row (non-numeric field)": 1, "no label for any task": 1})
+    frame2 = next(s for s in d.splits["train"] if s.image.endswith("10-60-1280x720/00002.jpg"))
+    assert frame2.va == (-5.0, -5.0) and frame2.target == 2 and min(frame2.au) >= 0
+    frame3 = next(s for s in d.splits["train"] if s.image.endswith("video2/00003.jpg"))
+    assert frame3.target == -1 and frame3.va[0] != -5
+    assert data.task_label_counts(d.splits["train"]) == {"va": 14, "expression": 14, "au": 14}
+    data.main(["summary", "--dataset", "affwild2_mtl", "--data-root", str(affwild2_mtl_root)])
+    assert "labelled for va 14, expression 14, au 14" in capsys.readouterr().out
+
+
+def test_p_mtl_known_answers():
+    """P_MTL by hand on four frames, with a VA-less frame, an expression-less frame, an AU-less
+    frame and an AU that is never positive."""
+    va_true = np.array([[0.5, 0.1], [-5, -5], [-0.5, 0.3], [0.0, -0.1]])
+    va_pred = np.array([[0.4, 0.0], [0.9, 0.9], [-0.4, 0.2], [0.1, 0.0]])
+    expression = torch.tensor([0, 1, -1, 1])
+    logits = torch.full((4, 8), -1.0)
+    logits[0, 0] = logits[1, 0] = logits[2, 3] = logits[3, 1] = 2.0  # predicts 0, 0, 3, 1
+    au_true = np.ones((4, 12))
+    au_true[:, 0] = [1, 0, -1, 1]   # AU1: predicted 1, 1, -, 0 -> tp 1, fp 1, fn 1: F1 1/2
+    au_true[:, 1] = 0               # AU2 never positive, predicted once: F1 0
+    au_true[2] = -1                 # frame 3 has no AUs
+    au_prob = np.full((4, 12), 0.9)
+    au_prob[:, 0] = [0.9, 0.6, 0.2, 0.4]
+    au_prob[:, 1] = [0.1, 0.7, 0.9, 0.2]
+
+    def ccc(p, t):  # population statistics
+        cov = ((p - p.mean()) * (t - t.mean())).mean()
+        return 2 * cov / (p.var() + t.var() + (p.mean() - t.mean()) ** 2)
+    rows = [0, 2, 3]
+    ccc_v, ccc_a = ccc(va_pred[rows, 0], va_true[rows, 0]), ccc(va_pred[rows, 1], va_true[rows, 1])
+    expression_f1 = (2 / 3 + 2 / 3) / 8   # class 0: tp 1 fp 1; class 1: tp 1 fn 1; six classes 0
+    au_f1 = (0.5 + 0.0 + 10 * 1.0) / 12
+    scores = evaluation.p_mtl({"va": torch.tensor(va_pred), "expression": logits, "au": au_prob},
+                              {"va": va_true, "expression": expression, "au": torch.tensor(au_true)})
+    assert scores["ccc_valence"] == pytest.approx(ccc_v) and scores["ccc_arousal"] == pytest.approx(ccc_a)
+    assert scores["expression_f1"] == pytest.approx(expression_f1)
+    assert scores["au_f1"] == pytest.approx(au_f1) and scores["au_f1_per_au"]["AU2"] == 0.0
+    assert scores["p_mtl"] == pytest.approx(0.5 * (ccc_v + ccc_a) + expression_f1 + au_f1)
+    perfect = evaluation.p_mtl({"va": va_true, "expression": F.one_hot(expression.clamp(min=0), 8).float(),
+                                "au": np.clip(au_true, 0, 1)},
+                               {"va": va_true, "expression": expression, "au": au_true})
+    assert perfect["ccc_valence"] == pytest.approx(1) and perfect["au_f1_per_au"]["AU1"] == 1.0
+    # per-AU thresholds: AU1's labelled probabilities 0.9, 0.6, 0.4 (true 1, 0, 1) give F1 4/5 at
+    # 0.1-0.4, 1/2 at 0.5-0.6, 2/3 at 0.7-0.9: the first best, 0.1
+    tuned = hmtl.tuned_au_thresholds(au_prob, au_true)
+    assert tuned[0] == 0.1 and evaluation.p_mtl(
+        {"va": va_pred, "expression": logits, "au": au_prob},
+        {"va": va_true, "expression": expression, "au": au_true}, tuned)["au_f1_per_au"]["AU1"] == pytest.approx(0.8)
+    # a batch whose frames lack a task's labels contributes 0 for it, never NaN
+    outputs = torch.randn(2, 22, requires_grad=True)
+    loss = hmtl.mtl_loss(outputs, {"target": torch.tensor([-1, -1]), "va": torch.full((2, 2), -5.0),
+                                   "au": torch.full((2, 12), -1.0)}, 8)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(outputs.grad).all()
+
+
+@pytest.mark.parametrize("ssl", ["none", "puzzle", "inpaint"])
+def test_mtl_trains_and_evaluates_on_s_affwild2(affwild2_mtl_root, tmp_path, ssl, capsys):
+    train.main(["--dataset", "affwild2_mtl", "--data-root", str(affwild2_mtl_root), "--ssl", ssl,
+                *TINY, "--batch-size", "4", "--epochs", "1", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["task"] == "mtl" and config["mtl_weights"] == [1.0, 1.0, 1.0]
+    assert "training frames labelled per task: va 14, expression 14, au 14" in printed
+    test = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+            if '"kind": "test"' in line][-1]
+    assert test["split"] == "val" and {"p_mtl", "ccc_valence", "expression_f1", "au_f1"} <= set(test)
+    result = evaluation.main(["--checkpoint", str(tmp_path / "best.pt"), "--dataset", "affwild2_mtl",
+                              "--data-root", str(affwild2_mtl_root), "--workers", "0", "--json"])
+    metrics = result["metrics"]
+    assert 0 < metrics["p_mtl_constant_baseline"] < 3
+    assert set(metrics["au_f1_per_au"]) == set(hmtl.AU_NAMES) and "tuned_thresholds_optimistic" in metrics
+    assert metrics["frames"] == {"va": 7, "expression": 7, "au": 7}
+
+
+def test_abaw_lsd_trains_on_synthetic_faces_and_reports_macro_f1_over_six(tmp_path, capsys):
+    root = tmp_path / "LSD"
+    counts = {"ANGRER": 2, "DISGUST": 2, "FEAR": 2, "HAPPINESS": 2, "SADNESS": 10, "SURPRISE": 2}
+    for split, folder in data.ABAW_LSD_SPLITS.items():
+        for k, (name, count) in enumerate(counts.items()):
+            for i in range(count if split == "train" else 2):
+                write_image(root / folder / name / f"{i:05d}.jpg", (32, 32), (40 * k, 20 * i, 90))
+    write_image(root / data.ABAW_LSD_SPLITS["train"] / "CONTEMPT" / "00000.jpg")
+    d = data.load("abaw_lsd", str(root))
+    assert d.classes == ["Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise"]
+    assert d.counts("train") == [2, 2, 2, 2, 10, 2] and d.counts("val") == [2] * 6
+    assert d.skipped["train"] == Counter({"folder 'CONTEMPT' is not one of the challenge's 6 classes": 1})
+    train.main(["--dataset", "abaw_lsd", "--data-root", str(root), *TINY, "--batch-size", "4",
+                "--epochs", "1", "--out", str(tmp_path / "run")])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["imbalance"] == "weights"  # the sadness-heavy synthetic set is reweighted
+    test = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if '"kind": "test"' in line][-1]
+    assert test["split"] == "val" and test["samples"] == 12 and "macro_f1" in test
+    assert hmtl.TASKS["classify"].selection({"macro_f1": 0.3, "accuracy": 0.9}, "abaw_lsd") == 0.3
+
+
 def test_missing_roots_and_unknown_layouts_fail_in_one_line(tmp_path):
     cases = [("affectnet", tmp_path / "nowhere"), ("affectnet", tmp_path), ("ckplus", tmp_path),
              ("celeba", tmp_path), ("300w_lp", tmp_path), ("fer2013", tmp_path)]

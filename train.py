@@ -449,6 +449,9 @@ def main(argv=None, on_step=None):
     # start-up (data workers, first allocations), which made a 2-minute run's ETA read 2 hours.
     clock = {"time": None, "step": None}
 
+    if "au" in faces.labels:  # MTL frames carry any subset of the three tasks' labels
+        log(f"{faces.name} training frames labelled per task: "
+            + ", ".join(f"{k} {v}" for k, v in data.task_label_counts(faces.splits["train"]).items()))
     stop = StopFlag()
     previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     log(f"{faces.name}: {len(train_set)} training samples"
