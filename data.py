@@ -343,6 +343,21 @@ def read_ckplus(root, classes=7, neutral_first_frame=None, frames_per_sequence=3
                     margin=0.2, folds=fold_subjects)
 
 
+def class_folder_images(base, index_of, reasons, known):
+    """(class index, image path) for the images in base/<class>/, in name order; the class from
+    the folder's lower-cased name through `index_of`. Another folder's images are counted in
+    `reasons`, as not one of `known`."""
+    for folder in sorted(os.listdir(base)):
+        path = os.path.join(base, folder)
+        if not os.path.isdir(path) or folder == CACHE_FOLDER:
+            continue
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if folder.lower() not in index_of:
+            reasons[f"folder {folder!r} is not one of {known}"] += len(files)
+            continue
+        yield from ((index_of[folder.lower()], os.path.join(path, f)) for f in files)
+
+
 def read_ckplus48(root, classes, folds):
     """CK+48, the copy of CK+ that most people have: <emotion>/S005_001_00000011.png, 48x48 grey
     crops of the last 3 frames of each of the 327 labelled sequences, one folder per class, no
@@ -354,22 +369,14 @@ def read_ckplus48(root, classes, folds):
                                                 depth=2)))
     names = CKPLUS_CODES[1:]
     samples, reasons = [], Counter()
-    for folder in sorted(os.listdir(base)):
-        path = os.path.join(base, folder)
-        if not os.path.isdir(path) or folder == CACHE_FOLDER:
+    for label, path in class_folder_images(base, {n: k for k, n in enumerate(names)}, reasons,
+                                           "CK+'s 7 emotions"):
+        fields = os.path.splitext(os.path.basename(path))[0].split("_")
+        if len(fields) != 3 or not fields[0].startswith("S") or not all(
+                f.isdigit() for f in (fields[0][1:], fields[1], fields[2])):
+            reasons["file name is not S<subject>_<sequence>_<frame>"] += 1
             continue
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if folder.lower() not in names:
-            reasons[f"folder {folder!r} is not one of CK+'s 7 emotions"] += len(files)
-            continue
-        for name in files:
-            fields = os.path.splitext(name)[0].split("_")
-            if len(fields) != 3 or not fields[0].startswith("S") or not all(
-                    f.isdigit() for f in (fields[0][1:], fields[1], fields[2])):
-                reasons["file name is not S<subject>_<sequence>_<frame>"] += 1
-                continue
-            samples.append(Sample(os.path.join(path, name), names.index(folder.lower()),
-                                  subject=fields[0]))
+        samples.append(Sample(path, label, subject=fields[0]))
     return FaceData("ckplus", "classify", names, {"all": samples}, {"all": reasons}, "all",
                     margin=0.0, folds=subject_folds(samples, folds), region_layout=TIGHT_CROP_LAYOUT)
 
@@ -1056,16 +1063,9 @@ def read_abaw_lsd(root):
     splits, skipped = {}, {}
     for split, name in ABAW_LSD_SPLITS.items():
         base = find(root, name, "ABAW LSD", depth=3)
-        samples, reasons = [], Counter()
-        for folder in sorted(os.listdir(base)):
-            path = os.path.join(base, folder)
-            if not os.path.isdir(path) or folder == CACHE_FOLDER:
-                continue
-            files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
-            if folder.lower() not in folders:
-                reasons[f"folder {folder!r} is not one of the challenge's 6 classes"] += len(files)
-                continue
-            samples += [Sample(os.path.join(path, f), folders[folder.lower()]) for f in files]
+        reasons = Counter()
+        samples = [Sample(path, label) for label, path in
+                   class_folder_images(base, folders, reasons, "the challenge's 6 classes")]
         splits[split], skipped[split] = samples, reasons
     return FaceData("abaw_lsd", "classify", ABAW_LSD_CLASSES, splits, skipped, "val", margin=0.0,
                     region_layout=ALIGNED_LAYOUT)
