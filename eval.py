@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import types
 
 import numpy as np
 import torch
@@ -285,18 +286,52 @@ def pooled_features(encoder, faces, size, device, batch_size=64):
     return torch.cat(features), torch.cat(labels), np.array(subjects), unreadable
 
 
-def fit_mlp(features, labels, classes, epochs=200, hidden=256, seed=0):
-    """A 2-layer MLP (ReLU, dropout 0.5) trained full-batch with Adam on frozen features."""
+def fit_head(features, targets, task="classify", classes=8, hidden=256, epochs=200, seed=0,
+             lr=1e-3, weights=None, au_pos_weight=None):
+    """A small head trained full-batch with Adam on frozen features, with the task's own loss
+    (hmtl.TASKS): hidden > 0 gives a 2-layer MLP (ReLU, dropout 0.5), hidden = 0 a linear layer.
+    `targets` as predict_split returns them ({"target", "va", "au"})."""
     torch.manual_seed(seed)
-    mlp = torch.nn.Sequential(torch.nn.Linear(features.shape[1], hidden), torch.nn.ReLU(),
-                              torch.nn.Dropout(0.5), torch.nn.Linear(hidden, classes))
-    optimizer = torch.optim.Adam(mlp.parameters(), lr=1e-3, weight_decay=1e-4)
+    width = hmtl.task_outputs(task, classes)
+    head = torch.nn.Sequential(torch.nn.Linear(features.shape[1], hidden), torch.nn.ReLU(),
+                               torch.nn.Dropout(0.5), torch.nn.Linear(hidden, width)) if hidden \
+        else torch.nn.Linear(features.shape[1], width)
+    settings = types.SimpleNamespace(  # what a task's loss reads from its model
+        weights=weights, label_smoothing=0.0, pose_alpha=hmtl.DEFAULTS["pose_alpha"],
+        num_classes=classes, mtl_weights=hmtl.DEFAULTS["mtl_weights"], au_pos_weight=au_pos_weight)
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
     for _ in range(epochs):
-        loss = F.cross_entropy(mlp(features), labels)
+        loss = hmtl.TASKS[task].loss(settings, head(features), targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return mlp.eval()
+    return head.eval()
+
+
+def heads_on_features(train_npz, test_npz, task, hidden=(0, 256), epochs=500, lr=3e-3,
+                      seeds=(0, 1, 2)):
+    """The ABAW-4 MTL winners' recipe: small heads on frozen features, extracted once
+    (--extract-features). Features standardised with the training set's statistics; each head
+    trained on train_npz and scored on test_npz with the task's metrics; both heads get the same
+    epochs and learning rate. Returns {head: [metrics per seed]}."""
+    def load(path):
+        stored = np.load(path)
+        targets = {k: torch.from_numpy(stored[k]) for k in ("target", "va", "au") if k in stored}
+        return torch.from_numpy(stored["features"]).float(), targets, list(stored["classes"])
+    features, targets, classes = load(train_npz)
+    test_features, test_targets, _ = load(test_npz)
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    results = {}
+    for width in hidden:
+        name = f"mlp {width}" if width else "linear"
+        results[name] = []
+        for seed in seeds:
+            head = fit_head((features - mean) / std, targets, task, len(classes), width, epochs,
+                            seed, lr)
+            with torch.no_grad():
+                outputs = head((test_features - mean) / std)
+            results[name].append(hmtl.TASKS[task].metrics(outputs, test_targets, classes))
+    return results
 
 
 def ckplus_nonlinear(model, faces, size, device, batch_size=64, epochs=200):
@@ -310,8 +345,8 @@ def ckplus_nonlinear(model, faces, size, device, batch_size=64, epochs=200):
         if test.sum() == 0 or (~test).sum() == 0:
             continue  # fewer subjects than folds
         mean, std = features[~test].mean(0), features[~test].std(0) + 1e-6
-        mlp = fit_mlp((features[~test] - mean) / std, labels[~test], len(faces.classes),
-                      epochs, seed=fold)
+        mlp = fit_head((features[~test] - mean) / std, {"target": labels[~test]}, "classify",
+                       len(faces.classes), 256, epochs, seed=fold)
         with torch.no_grad():
             predicted = mlp((features[test] - mean) / std).argmax(1)
         accuracies.append(float((predicted == labels[test]).float().mean()))
@@ -420,7 +455,7 @@ def evaluate(model, config, faces, split, data_root, device, batch_size=128, wor
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint (best.pt)")
+    parser.add_argument("--checkpoint", help="a train.py checkpoint (best.pt)")
     parser.add_argument("--dataset", choices=list(data.READERS))
     parser.add_argument("--data-root")
     parser.add_argument("--cache-dir", help="where the prepared caches are, if not in the data root")
@@ -435,8 +470,24 @@ def main(argv=None):
     parser.add_argument("--export-onnx", metavar="PATH")
     parser.add_argument("--extract-features", metavar="NPZ",
                         help="with --dataset: save the split's pooled embeddings and targets")
+    parser.add_argument("--heads-on-features", nargs=2, metavar=("TRAIN_NPZ", "TEST_NPZ"),
+                        help="train linear and MLP heads on stored features (--extract-features) "
+                             "and score them; with --task")
+    parser.add_argument("--task", choices=list(hmtl.TASKS), default="classify",
+                        help="--heads-on-features: the task the heads learn")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.heads_on_features:
+        results = heads_on_features(*args.heads_on_features, args.task)
+        for name, runs in results.items():  # the number that would pick best.pt
+            values = [hmtl.TASKS[args.task].selection(r, None) for r in runs]
+            print(f"{name:8} {args.task} score {np.mean(values):.4f} +- "
+                  f"{np.std(values, ddof=1):.4f} (seeds {', '.join(f'{v:.4f}' for v in values)})")
+        if args.json:
+            print(json.dumps(results, indent=1))
+        return results
+    if not args.checkpoint:
+        parser.error("--checkpoint is required")
 
     device = torch.device(args.device)
     model, config = load_checkpoint(args.checkpoint, device)
