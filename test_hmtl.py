@@ -1867,6 +1867,19 @@ def test_train_fraction_and_oversampling(tiny_demo, tmp_path, capsys):
     assert "demo: 16 training samples (Neutral 2, Happy 2," in capsys.readouterr().out
 
 
+def test_the_data_step_of_a_run_on_its_own(tiny_demo):
+    """train.build_data, callable alone: the stratified fraction, the class and AU weights, the
+    loader's steps, the validation split that picks best.pt."""
+    args = train.parse_args(["--dataset", "demo", "--data-root", tiny_demo, "--task", "mtl", *TINY,
+                             "--train-fraction", "0.5"])
+    config = train.resolve_config(args)
+    prepared = train.build_data(config, args, tiny_demo, seed=0)
+    assert len(prepared.train_set) == 16 and prepared.counts.tolist() == [2] * 8
+    assert prepared.weights.tolist() == [1.0] * 8 and prepared.au_pos_weight.shape == (12,)
+    assert prepared.steps_per_epoch == 2 and prepared.val_split == "val"
+    assert prepared.task is hmtl.TASKS["mtl"] and prepared.num_classes == 8
+
+
 def test_curves_and_bars_are_drawn_where_the_values_say(tmp_path):
     entries = [{"kind": "epoch", "epoch": e, "step": 10 * e, "loss": 3.0 - e, "task": 2.0 - 0.5 * e}
                for e in (1, 2, 3)]

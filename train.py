@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+import types
 
 import torch
 
@@ -272,50 +273,11 @@ def format_duration(seconds):
 # The run.
 
 
-def main(argv=None, on_step=None):
-    """Train; returns the trained HMTL model (unwrapped). `on_step(step, stop_flag)` is called
-    after every step (tests use it to interrupt)."""
-    args = parse_args(argv)
-    if args.compare:
-        return compare(argv)
-    config = resolve_config(args)
-    checkpoint = None
-    if args.resume:
-        if not os.path.exists(args.resume):
-            raise SystemExit(f"error: --resume {args.resume} does not exist")
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
-        if "config" not in checkpoint or "batches_done" not in checkpoint:
-            raise SystemExit(f"error: {args.resume} is not a train.py checkpoint")
-        config = check_resumable(checkpoint["config"], config, args, args.resume)
-    seed = args.seed if args.seed is not None else checkpoint.get("seed", 0) if checkpoint else 0
-    data_root = args.data_root if args.data_root is not None else config.get("data_root")
-    config["data_root"] = data_root
-
-    # distributed: torchrun sets WORLD_SIZE, RANK, LOCAL_RANK
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = torch.device(args.device)
-    if world > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend)
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-    main_process = rank == 0
-
-    def log(line):
-        if main_process:
-            print(line, flush=True)
-
-    def barrier():
-        if world > 1:
-            torch.distributed.barrier()
-
-    out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
-                       os.path.join("runs", config["recipe"] or
-                                    f"{config['dataset']}-{config['ssl']}-{config['arch']}"))
-
-    # data
+def build_data(config, args, data_root, seed, rank=0, world=1, device=torch.device("cpu"),
+               main_process=True, barrier=lambda: None):
+    """The data side of a run: the dataset read and checked against the task, the prepared
+    cache built or checked, the training split (or its stratified fraction), the class and AU
+    weights, and the loader with its seeded per-epoch sampler. Returns them as one namespace."""
     try:
         faces = data.load(config["dataset"], data_root, config["classes"], args.cache_dir)
     except data.DatasetError as err:
@@ -365,12 +327,81 @@ def main(argv=None, on_step=None):
         raise SystemExit(f"error: {len(train_set)} training samples are fewer than one batch of "
                          f"{config['batch_size']} per process")
     val_split = "val" if faces.splits.get("val") else None  # selection never looks at "test"
+    return types.SimpleNamespace(
+        faces=faces, task=task, train_set=train_set, counts=counts, num_classes=num_classes,
+        weights=weights, au_pos_weight=au_pos_weight, sampler=sampler, loader=loader,
+        steps_per_epoch=steps_per_epoch, val_split=val_split)
+
+
+def final_evaluation(out, config, faces, data_root, device, args, record):
+    """After training: best.pt on the split the dataset's papers report (test where there is
+    one), printed and recorded as the run's "test" entry."""
+    best_model, _ = evaluation.load_checkpoint(os.path.join(out, "best.pt"), device)
+    split = faces.eval_split
+    metrics = evaluation.evaluate(best_model, config, faces, split, data_root, device,
+                                  config["batch_size"], args.workers, out)
+    evaluation.print_metrics(metrics, f"final evaluation of best.pt on {faces.name} / {split}")
+    record({"kind": "test", "split": split,
+            **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
+    return metrics
+
+
+def main(argv=None, on_step=None):
+    """Train; returns the trained HMTL model (unwrapped). `on_step(step, stop_flag)` is called
+    after every step (tests use it to interrupt)."""
+    args = parse_args(argv)
+    if args.compare:
+        return compare(argv)
+    config = resolve_config(args)
+    checkpoint = None
+    if args.resume:
+        if not os.path.exists(args.resume):
+            raise SystemExit(f"error: --resume {args.resume} does not exist")
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
+        if "config" not in checkpoint or "batches_done" not in checkpoint:
+            raise SystemExit(f"error: {args.resume} is not a train.py checkpoint")
+        config = check_resumable(checkpoint["config"], config, args, args.resume)
+    seed = args.seed if args.seed is not None else checkpoint.get("seed", 0) if checkpoint else 0
+    data_root = args.data_root if args.data_root is not None else config.get("data_root")
+    config["data_root"] = data_root
+
+    # distributed: torchrun sets WORLD_SIZE, RANK, LOCAL_RANK
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device(args.device)
+    if world > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    main_process = rank == 0
+
+    def log(line):
+        if main_process:
+            print(line, flush=True)
+
+    def barrier():
+        if world > 1:
+            torch.distributed.barrier()
+
+    out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
+                       os.path.join("runs", config["recipe"] or
+                                    f"{config['dataset']}-{config['ssl']}-{config['arch']}"))
+
+    # data
+    prepared = build_data(config, args, data_root, seed, rank, world, device, main_process, barrier)
+    faces, task, train_set, counts = prepared.faces, prepared.task, prepared.train_set, prepared.counts
+    num_classes, steps_per_epoch, val_split = (prepared.num_classes, prepared.steps_per_epoch,
+                                               prepared.val_split)
+    sampler, loader, size = prepared.sampler, prepared.loader, config["image_size"]
 
     # model, optimiser, schedule; seeded here, so the initial weights do not depend on
     # whatever the data side drew from the global RNG (building a cache, say)
     torch.manual_seed(seed + rank)
     graph, node_vectors = graph_head_inputs(config, faces, train_set, checkpoint, log)
-    model = hmtl.model_from_config(config, num_classes, weights, graph, node_vectors, au_pos_weight)
+    model = hmtl.model_from_config(config, num_classes, prepared.weights, graph, node_vectors,
+                                   prepared.au_pos_weight)
     if checkpoint is None:
         init_weights(model, config)
     region_layout = None
@@ -585,13 +616,7 @@ def main(argv=None, on_step=None):
     if nonfinite:
         log(f"{nonfinite} steps had a non-finite loss and were skipped")
     if main_process and not args.no_eval and config["task_weight"] > 0:
-        best_model, _ = evaluation.load_checkpoint(os.path.join(out, "best.pt"), device)
-        split = faces.eval_split
-        metrics = evaluation.evaluate(best_model, config, faces, split, data_root, device,
-                                      config["batch_size"], args.workers, out)
-        evaluation.print_metrics(metrics, f"final evaluation of best.pt on {faces.name} / {split}")
-        record({"kind": "test", "split": split,
-                **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
+        final_evaluation(out, config, faces, data_root, device, args, record)
     if world > 1:
         torch.distributed.destroy_process_group()
     return model
