@@ -1867,9 +1867,10 @@ def test_train_fraction_and_oversampling(tiny_demo, tmp_path, capsys):
     assert "demo: 16 training samples (Neutral 2, Happy 2," in capsys.readouterr().out
 
 
-def test_the_data_step_of_a_run_on_its_own(tiny_demo):
-    """train.build_data, callable alone: the stratified fraction, the class and AU weights, the
-    loader's steps, the validation split that picks best.pt."""
+def test_the_data_and_model_steps_of_a_run_on_their_own(tiny_demo):
+    """train.build_data and train.build_model, callable alone: the stratified fraction, the
+    class and AU weights, the loader's steps, the validation split that picks best.pt; the
+    model, its schedule and where a fresh run starts."""
     args = train.parse_args(["--dataset", "demo", "--data-root", tiny_demo, "--task", "mtl", *TINY,
                              "--train-fraction", "0.5"])
     config = train.resolve_config(args)
@@ -1878,6 +1879,10 @@ def test_the_data_step_of_a_run_on_its_own(tiny_demo):
     assert prepared.weights.tolist() == [1.0] * 8 and prepared.au_pos_weight.shape == (12,)
     assert prepared.steps_per_epoch == 2 and prepared.val_split == "val"
     assert prepared.task is hmtl.TASKS["mtl"] and prepared.num_classes == 8
+    built = train.build_model(config, args, prepared, log=lambda line: None)
+    assert built.model.task == "mtl" and built.model.au_pos_weight.shape == (12,)
+    assert built.total_steps == 2 * config["epochs"] and (built.epoch, built.step) == (0, 0)
+    assert built.scheduler.get_last_lr()[0] <= config["lr"] and built.optimizer is built.scheduler.optimizer
 
 
 def test_curves_and_bars_are_drawn_where_the_values_say(tmp_path):

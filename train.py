@@ -333,6 +333,61 @@ def build_data(config, args, data_root, seed, rank=0, world=1, device=torch.devi
         steps_per_epoch=steps_per_epoch, val_split=val_split)
 
 
+def build_model(config, args, prepared, checkpoint=None, seed=0, rank=0,
+                device=torch.device("cpu"), log=print):
+    """The model side of a run: the HMTL model (initialised, or the checkpoint's), its
+    in-painting layout, the optimiser, the warm-up + cosine schedule, the fp16 scaler, the
+    augmentation generator, and where a resumed run stood. Returns them as one namespace."""
+    faces, size, num_classes = prepared.faces, config["image_size"], prepared.num_classes
+    # seeded here, so the initial weights do not depend on whatever the data side drew from
+    # the global RNG (building a cache, say)
+    torch.manual_seed(seed + rank)
+    graph, node_vectors = graph_head_inputs(config, faces, prepared.train_set, checkpoint, log)
+    model = hmtl.model_from_config(config, num_classes, prepared.weights, graph, node_vectors,
+                                   prepared.au_pos_weight)
+    if checkpoint is None:
+        init_weights(model, config)
+    region_layout = None
+    if config["ssl"] == "inpaint":  # where to mask the faces that come without landmarks
+        layout, source = data.region_layout(faces, size)
+        model.region_layout.copy_(torch.tensor([layout[r] for r in ssl_tasks.REGIONS]))
+        region_layout = {"source": source, **{r: list(layout[r]) for r in ssl_tasks.REGIONS}}
+        log(f"in-painting regions of faces without landmarks: {source}")
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    optimizer = make_optimizer(model, config, device)
+    total_steps = prepared.steps_per_epoch * config["epochs"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        int(config["warmup_epochs"] * prepared.steps_per_epoch), total_steps))
+    dtype = autocast_dtype(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    augment_rng = torch.Generator(device).manual_seed(seed * 7919 + rank)
+    progress = dict(epoch=0, batches_done=0, step=0, best=-math.inf, nonfinite=0,
+                    epoch_sums={"steps": 0})  # epoch_sums: the epoch's loss parts, for curves.png
+    if checkpoint is not None:
+        if checkpoint.get("num_classes") != num_classes:
+            raise SystemExit(f"error: {args.resume} has {checkpoint.get('num_classes')} classes, "
+                             f"this data {num_classes}")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        progress.update({k: checkpoint[k] for k in ("epoch", "batches_done", "step", "best",
+                                                    "nonfinite")})
+        progress["epoch_sums"] = checkpoint.get("epoch_sums", progress["epoch_sums"])
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        augment_rng.set_state(checkpoint["rng"]["augment"])
+        log(f"resumed {args.resume}: epoch {progress['epoch'] + 1}, {progress['batches_done']} "
+            f"batches into it, step {progress['step']}")
+    return types.SimpleNamespace(
+        model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, dtype=dtype,
+        augment_rng=augment_rng, memory_format=memory_format, total_steps=total_steps,
+        region_layout=region_layout, **progress)
+
+
 def final_evaluation(out, config, faces, data_root, device, args, record):
     """After training: best.pt on the split the dataset's papers report (test where there is
     one), printed and recorded as the run's "test" entry."""
@@ -396,49 +451,13 @@ def main(argv=None, on_step=None):
                                                prepared.val_split)
     sampler, loader, size = prepared.sampler, prepared.loader, config["image_size"]
 
-    # model, optimiser, schedule; seeded here, so the initial weights do not depend on
-    # whatever the data side drew from the global RNG (building a cache, say)
-    torch.manual_seed(seed + rank)
-    graph, node_vectors = graph_head_inputs(config, faces, train_set, checkpoint, log)
-    model = hmtl.model_from_config(config, num_classes, prepared.weights, graph, node_vectors,
-                                   prepared.au_pos_weight)
-    if checkpoint is None:
-        init_weights(model, config)
-    region_layout = None
-    if config["ssl"] == "inpaint":  # where to mask the faces that come without landmarks
-        layout, source = data.region_layout(faces, size)
-        model.region_layout.copy_(torch.tensor([layout[r] for r in ssl_tasks.REGIONS]))
-        region_layout = {"source": source, **{r: list(layout[r]) for r in ssl_tasks.REGIONS}}
-        log(f"in-painting regions of faces without landmarks: {source}")
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    optimizer = make_optimizer(model, config, device)
-    total_steps = steps_per_epoch * config["epochs"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(int(config["warmup_epochs"] * steps_per_epoch), total_steps))
-    dtype = autocast_dtype(args.amp, device)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    augment_rng = torch.Generator(device).manual_seed(seed * 7919 + rank)
-
-    epoch, batches_done, step, best, nonfinite = 0, 0, 0, -math.inf, 0
-    epoch_sums = {"steps": 0}  # the loss parts summed over this epoch's steps, for curves.png
-    if checkpoint is not None:
-        if checkpoint.get("num_classes") != num_classes:
-            raise SystemExit(f"error: {args.resume} has {checkpoint.get('num_classes')} classes, "
-                             f"this data {num_classes}")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        epoch, batches_done, step = checkpoint["epoch"], checkpoint["batches_done"], checkpoint["step"]
-        best, nonfinite = checkpoint["best"], checkpoint["nonfinite"]
-        epoch_sums = checkpoint.get("epoch_sums", epoch_sums)
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        augment_rng.set_state(checkpoint["rng"]["augment"])
-        log(f"resumed {args.resume}: epoch {epoch + 1}, {batches_done} batches into it, step {step}")
+    # model, optimiser, schedule (and where a resumed run stood)
+    built = build_model(config, args, prepared, checkpoint, seed, rank, device, log)
+    model, optimizer, scheduler, scaler = built.model, built.optimizer, built.scheduler, built.scaler
+    dtype, augment_rng, memory_format = built.dtype, built.augment_rng, built.memory_format
+    total_steps, region_layout = built.total_steps, built.region_layout
+    epoch, batches_done, step = built.epoch, built.batches_done, built.step
+    best, nonfinite, epoch_sums = built.best, built.nonfinite, built.epoch_sums
 
     if args.compile:  # every path (task, pretext, both views) goes through forward_features
         model.encoder.forward_features = torch.compile(model.encoder.forward_features)
