@@ -462,7 +462,7 @@ def main(argv=None):
     parser.add_argument("--classes", type=int, help="protocol: AffectNet 8|7, CK+ 7|8")
     parser.add_argument("--split", help="default: the split the paper reports on")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="folder for the confusion-matrix PNG (default: beside the checkpoint)")
     parser.add_argument("--predict", metavar="IMAGE_OR_FOLDER", help="label face crops instead")
