@@ -630,7 +630,9 @@ def read_celeba(root, attribute="Male"):
             skipped[split]["image file missing"] += 1
             continue
         splits[split].append(Sample(path, 1 if parts[column + 1] == "1" else 0, CELEBA_BOX))
-    points = celeba_mean_five_points(root)
+    points, damaged = celeba_mean_five_points(root)
+    if damaged:  # the layout's mean is over the readable rows; the images are all still used
+        skipped["train"]["list_landmarks_align_celeba.txt row unreadable (not in the masks' layout)"] += damaged
     layout = ssl_tasks.five_point_layout([(x - CELEBA_BOX[0], y - CELEBA_BOX[1]) for x, y in points],
                                          CELEBA_BOX[2] - CELEBA_BOX[0], CELEBA_BOX[3] - CELEBA_BOX[1])
     return FaceData("celeba", "classify", CELEBA_CLASSES, splits, skipped, "test", margin=0.0,
@@ -640,20 +642,22 @@ def read_celeba(root, attribute="Male"):
 def celeba_mean_five_points(root):
     """The mean of CelebA's own five points per aligned image (list_landmarks_align_celeba.txt:
     a count, the names lefteye_x ... rightmouth_y, then one row per image; image-left eye
-    first); the approximate means when the file is not there."""
+    first); the approximate means when the file is not there. Returns (points, the number of
+    image rows that could not be read, which the mean leaves out)."""
     path = find(root, "list_landmarks_align_celeba.txt", "CelebA", required=False)
-    rows = []
-    for line in text_lines(path, "CelebA") if path else ():
+    rows, damaged = [], 0
+    for line in list(text_lines(path, "CelebA"))[2:] if path else ():  # after count and names
         parts = line.split()
-        if len(parts) == 11:
-            try:
-                rows.append([float(v) for v in parts[1:]])
-            except ValueError:
-                pass  # the header, or a damaged row: the mean is over the rest
+        try:
+            if len(parts) != 11:
+                raise ValueError
+            rows.append([float(v) for v in parts[1:]])
+        except ValueError:
+            damaged += bool(parts)
     if not rows:
-        return CELEBA_MEAN_FIVE_POINTS
+        return CELEBA_MEAN_FIVE_POINTS, damaged
     mean = np.mean(rows, 0)
-    return [(mean[2 * k], mean[2 * k + 1]) for k in range(5)]
+    return [(mean[2 * k], mean[2 * k + 1]) for k in range(5)], damaged
 
 
 UTKFACE_CLASSES = ["male", "female"]

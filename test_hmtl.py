@@ -1526,8 +1526,11 @@ def test_every_dataset_supplies_its_own_region_layout(tmp_path, affectnet_root, 
     (celeba / "Anno" / "list_landmarks_align_celeba.txt").write_text(
         "2\r\nlefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y "
         "rightmouth_x rightmouth_y\r\n000001.jpg 70 112 108 112 89 135 72 152 106 152\r\n"
-        "000002.jpg 68 110 106 110 87 133 70 150 104 150\r\n")
-    layout, _ = data.region_layout(data.load("celeba", str(celeba)))
+        "000002.jpg 68 110 106 110 87 133 70 150 104 150\r\n000003.jpg 68 1\ufffd0 x\r\n")
+    celeba_faces = data.load("celeba", str(celeba))
+    assert celeba_faces.skipped["train"] == Counter(
+        {"list_landmarks_align_celeba.txt row unreadable (not in the masks' layout)": 1})
+    layout, _ = data.region_layout(celeba_faces)
     assert inside(np.array([[69 / 178, (111 - 20) / 178]]), layout["right_eye"])
     # a landmark dataset: measured on its own faces (here: the demo's)
     measured = data.measured_layout(request.getfixturevalue("demo_faces"), size=64)
