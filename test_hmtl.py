@@ -1979,6 +1979,21 @@ def test_the_demo_mtl_run_reaches_the_figure_the_readme_states(tmp_path):
     assert test["p_mtl_constant_baseline"] == pytest.approx(0.363, abs=0.001)
 
 
+# The README's low-data column (--compare, 20 % of the training set): mean, std over seeds 0-2.
+DEMO_20PCT_FIGURES = {"none": (0.783, 0.066), "puzzle": (0.814, 0.056), "inpaint": (0.770, 0.125)}
+
+
+@pytest.mark.parametrize("ssl", ["none", "puzzle", "inpaint"])
+def test_the_low_data_demo_reaches_the_figures_the_readme_states(ssl, tmp_path):
+    """One cell of `python train.py --dataset demo --compare` (20 %, seed 0): test accuracy
+    near the README's mean (mean - max(2 std, 0.02))."""
+    train.main(["--dataset", "demo", "--ssl", ssl, "--train-fraction", "0.2", "--seed", "0",
+                "--out", str(tmp_path), "--workers", "0", "--log-interval", "75"])
+    test = train.final_test(str(tmp_path))
+    mean, std = DEMO_20PCT_FIGURES[ssl]
+    assert test["split"] == "test" and test["accuracy"] >= mean - max(2 * std, 0.02), test
+
+
 def test_expression_and_valence_arousal_in_one_head():
     torch.manual_seed(0)
     weights = torch.tensor([1.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 4.0])
