@@ -74,7 +74,6 @@ class FaceData:
     margin: float = 0.1            # face-box margin used when cropping
     folds: list = None             # CK+: the subjects of each cross-validation fold
     region_layout: dict = None     # where the facial parts sit in crops without landmarks
-    root: str = None               # the --data-root it was read from (set by load)
     cache_root: str = None         # --cache-dir: where prepared caches go (None: see cache_dir)
     fingerprints: dict = field(default_factory=dict, repr=False)  # split -> split_fingerprint
     labels: tuple = ("target",)    # what its samples carry: "target", "va", "au" (-1 / -5: missing)
@@ -1372,7 +1371,7 @@ def load(name, root=None, classes=None, cache_root=None):
         raise DatasetError(f"--data-root is required for {name}")
     kwargs = {"classes": classes} if classes is not None and name in ("affectnet", "ckplus") else {}
     data = READERS[name](root, **kwargs)
-    data.root, data.cache_root = root or DEMO_DEFAULT_ROOT, cache_root
+    data.cache_root = cache_root
     if not any(data.splits.values()):
         raise DatasetError(f"{name}: no usable samples below {root} "
                            f"(skipped: {dict(sum(data.skipped.values(), Counter()))})")

@@ -1549,13 +1549,18 @@ def test_every_dataset_supplies_its_own_region_layout(tmp_path, affectnet_root, 
 
 
 @pytest.fixture(scope="module")
-def demo_faces(tmp_path_factory):
+def demo_faces_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo-faces")
-    data.make_demo(str(root), train_per_class=4, val_per_class=2, test_per_class=1)
-    return data.load("demo", str(root))
+    return data.make_demo(str(root), train_per_class=4, val_per_class=2, test_per_class=1)
 
 
-def test_show_draws_the_faces_as_the_network_gets_them_with_the_masks_on_their_parts(demo_faces, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def demo_faces(demo_faces_root):
+    return data.load("demo", demo_faces_root)
+
+
+def test_show_draws_the_faces_as_the_network_gets_them_with_the_masks_on_their_parts(demo_faces, demo_faces_root,
+                                                                                       tmp_path, capsys):
     """data.py show: one PNG with augmented crops, the regions outlined, the puzzled versions
     and the labels. On faces with known landmarks, each eye box covers its eye's points."""
     shown = data.contact_sheet(demo_faces, str(tmp_path / "sheet.png"), size=64, count=8, level="weak")
@@ -1567,7 +1572,7 @@ def test_show_draws_the_faces_as_the_network_gets_them_with_the_masks_on_their_p
         for region in ("right_eye", "left_eye", "mouth"):
             box = shown["boxes"][k, ssl_tasks.REGIONS.index(region)].tolist()
             assert inside(points[list(ssl_tasks.LANDMARK_GROUPS[region])], box, slack=0.5), (k, region)
-    data.main(["show", "--dataset", "demo", "--data-root", demo_faces.root, "--size", "48",
+    data.main(["show", "--dataset", "demo", "--data-root", demo_faces_root, "--size", "48",
                "--count", "4", "--out", str(tmp_path / "cli.png")])
     assert "wrote" in capsys.readouterr().out and (tmp_path / "cli.png").exists()
 
