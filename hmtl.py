@@ -150,13 +150,10 @@ def classification_metrics(predictions, labels, classes):
     n = len(classes)
     confusion = np.zeros((n, n), dtype=np.int64)
     np.add.at(confusion, (labels, predictions), 1)
-    true_counts, predicted_counts = confusion.sum(1), confusion.sum(0)
-    hits = np.diag(confusion)
+    true_counts, hits = confusion.sum(1), np.diag(confusion)
     present = true_counts > 0
     recall = np.divide(hits, true_counts, out=np.zeros(n), where=present)
-    precision = np.divide(hits, predicted_counts, out=np.zeros(n), where=predicted_counts > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n),
-                   where=(precision + recall) > 0)
+    f1 = f1_per_class(predictions, labels, n)
     return {"samples": int(len(labels)), "accuracy": float(hits.sum() / max(1, len(labels))),
             "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
             "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
@@ -196,24 +193,21 @@ def pose_metrics(predicted, target):
 
 
 def f1_per_class(predictions, labels, n):
-    """Positive-class F1 of each of n classes; 0 for a class never true and never predicted
-    (sklearn's zero_division=0, as the ABAW scorer)."""
-    predictions, labels = np.asarray(predictions), np.asarray(labels)
-    scores = []
-    for c in range(n):
-        hit = np.sum((predictions == c) & (labels == c))
-        total = np.sum(predictions == c) + np.sum(labels == c)
-        scores.append(2 * hit / total if total else 0.0)
-    return np.array(scores, dtype=np.float64)
+    """Positive-class F1 of each of n classes, 2 hits / (predicted + true); 0 for a class never
+    true and never predicted (sklearn's zero_division=0, as the ABAW scorer)."""
+    predictions, labels = np.asarray(predictions).astype(int), np.asarray(labels).astype(int)
+    hits = np.bincount(labels[predictions == labels], minlength=n)
+    total = np.bincount(predictions, minlength=n) + np.bincount(labels, minlength=n)
+    return np.divide(2 * hits, total, out=np.zeros(n), where=total > 0)
 
 
 def population_ccc(prediction, target):
-    """Lin's CCC with population statistics (ddof 0), as the ABAW scorer computes it."""
-    p, t = np.asarray(prediction, np.float64), np.asarray(target, np.float64)
-    if len(p) < 2:
+    """ccc() on numpy arrays in float64 (population statistics, as the ABAW scorer); 0 for
+    fewer than 2 frames."""
+    if len(prediction) < 2:
         return 0.0
-    covariance = np.mean((p - p.mean()) * (t - t.mean()))
-    return float(2 * covariance / (p.var() + t.var() + (p.mean() - t.mean()) ** 2 + 1e-12))
+    return float(ccc(torch.as_tensor(prediction, dtype=torch.float64),
+                     torch.as_tensor(target, dtype=torch.float64)))
 
 
 def p_mtl(predictions, targets, au_threshold=0.5):
