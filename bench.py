@@ -23,6 +23,8 @@ Parts (`python bench.py models hmtl`; all by default):
            collate whole batches, 1 core), the strong augmentation batched on the device.
   fingerprint  the prepared cache's staleness check at AffectNet's 287,651 rows, against the
            per-row existence check that the reader makes anyway (not in the default parts).
+  reader   --dataset affwild2_mtl at s-Aff-Wild2's 169,209 rows, against the bare CSV parse
+           of the same files (not in the default parts).
 
 Memory: "activation MiB" is what autograd keeps for backward during one forward pass (the
 dominant, batch-proportional term, measured exactly on any device); "peak MiB" is
@@ -317,6 +319,68 @@ def bench_fingerprint(args, device, autocast):
                               ("fingerprint", f"data.split_fingerprint, {count} rows"))]
 
 
+def bench_reader(args, device, autocast):
+    """`--dataset affwild2_mtl` read at s-Aff-Wild2's size (DATASETS.md: 142,333 training and
+    26,876 validation rows, one 0-byte frame file per row, 500 frames per video folder), every
+    task's mask and the per-task counts included; against the bare parse of the same two files
+    (csv.reader and float() of every field), in the same run."""
+    import csv
+    import tempfile
+
+    import data
+    import hmtl
+
+    sizes = {"training_set_annotations.txt": args.reader_rows,
+             "validation_set_annotations.txt": args.reader_rows * 26876 // 142333}
+    header = "image,valence,arousal,expression," + ",".join(hmtl.AU_NAMES)
+    with tempfile.TemporaryDirectory() as root:
+        frame = 0
+        for filename, count in sizes.items():
+            lines = [header]
+            for i in range(count):
+                video, name = f"{frame // 500:04d}", f"{frame % 500:05d}.jpg"
+                if frame % 500 == 0:
+                    os.makedirs(os.path.join(root, "cropped_aligned", video))
+                open(os.path.join(root, "cropped_aligned", video, name), "wb").close()
+                # every task labelled on some frames and missing on others, as in the release
+                va = "-5,-5" if i % 4 == 0 else f"{(i % 21 - 10) / 10},{(i % 17 - 8) / 10}"
+                units = ",".join(["-1"] * 12) if i % 4 == 1 else \
+                    ",".join(str((i >> bit) & 1) for bit in range(12))
+                lines.append(f"{video}/{name},{va},{i % 9 - 1},{units}")
+                frame += 1
+            with open(os.path.join(root, filename), "w", newline="") as f:
+                f.write("\r\n".join(lines) + "\r\n")  # CRLF, as the release ships it
+
+        def parse():
+            start = time.perf_counter()
+            for filename in sizes:
+                with open(os.path.join(root, filename), newline="") as f:
+                    rows = csv.reader(f)
+                    next(rows)
+                    for row in rows:
+                        [float(v) for v in row[1:]]
+            return time.perf_counter() - start
+
+        def load():
+            start = time.perf_counter()
+            faces = data.load("affwild2_mtl", root)
+            data.task_label_counts(faces.splits["train"])
+            assert sum(map(len, faces.splits.values())) == sum(sizes.values())
+            return time.perf_counter() - start
+        times = {"parse": [], "load": []}
+        for _ in range(3):  # interleaved rounds, median
+            times["parse"].append(parse())
+            times["load"].append(load())
+    rows = sum(sizes.values())
+    seconds = {k: statistics.median(v) for k, v in times.items()}
+    return [dict(part="reader", arch="-", model=name, images_per_s=rows / seconds[key],
+                 seconds=seconds[key], ratio_vs_parse=seconds["parse"] / seconds[key],
+                 ratio_vs_parse_min=seconds["parse"] / seconds[key],
+                 ratio_vs_parse_max=seconds["parse"] / seconds[key], peak_mib=None)
+            for key, name in (("parse", f"csv + float() only, {rows} rows"),
+                              ("load", f"data.load('affwild2_mtl'), {rows} rows"))]
+
+
 def bench_e2e(args, device, autocast):
     """The real training loop (train.py: data + augmentation + joint loss + step + the
     per-epoch validation), SL vs puzzle vs in-painting. CPU: one full demo epoch at 64 px,
@@ -412,6 +476,8 @@ def main(argv=None):
     parser.add_argument("--data-images", type=int, default=256, help="data part: JPEGs written")
     parser.add_argument("--fingerprint-images", type=int, default=287651,
                         help="fingerprint part: files written (AffectNet's training rows)")
+    parser.add_argument("--reader-rows", type=int, default=142333,
+                        help="reader part: training rows written (s-Aff-Wild2's)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on for CUDA, off for CPU)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -449,7 +515,7 @@ def main(argv=None):
 # part name -> (function, the contender the ratios are relative to)
 PARTS = {"models": (bench_models, "torchvision"), "hmtl": (bench_hmtl, "sl"),
          "data": (bench_data, "step"), "e2e": (bench_e2e, "sl"),
-         "fingerprint": (bench_fingerprint, "exists")}
+         "fingerprint": (bench_fingerprint, "exists"), "reader": (bench_reader, "parse")}
 
 
 if __name__ == "__main__":

@@ -1412,6 +1412,8 @@ def open_image(sample, size_hint=None):
     AffectNet's large originals). Returns (image, scale of its pixels vs the original)."""
     if isinstance(sample.image, np.ndarray):
         return Image.fromarray(sample.image).convert("RGB"), 1.0
+    if isinstance(sample.image, Image.Image):  # eval.predict's in-memory images
+        return sample.image.convert("RGB"), 1.0
     image = Image.open(sample.image)
     width, height = image.size
     if size_hint and image.format == "JPEG":

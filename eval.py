@@ -3,7 +3,7 @@
     python eval.py --dataset affectnet --data-root ~/data/AffectNet --checkpoint runs/x/best.pt
     python eval.py --dataset ckplus --data-root ~/data/CK+ --checkpoint runs/x/best.pt   # nonlinear eval
     python eval.py --checkpoint runs/x/best.pt --predict face.jpg            # or a folder
-    python eval.py --checkpoint runs/x/best.pt --export-torchscript model.pt --export-onnx model.onnx
+    python eval.py --checkpoint runs/x/best.pt --export model.pt2 --export-onnx model.onnx
 
 Protocols:
   expression, gender  accuracy, balanced accuracy (= accuracy on AffectNet's balanced
@@ -20,6 +20,7 @@ Protocols:
 """
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from PIL import Image, ImageDraw
 
 import data
 import hmtl
+import models
 
 # ----------------------------------------------------------------------------------------------
 # Metrics.
@@ -242,11 +244,16 @@ def bars_png(groups, path, title, ylabel="accuracy", bar=46, height=300):
 # Checkpoints.
 
 
+class CheckpointError(ValueError):
+    """A file that is not a train.py checkpoint, or is missing. Its message is one line."""
+
+
 def load_checkpoint(path, device="cpu"):
-    """(HMTL model with the checkpoint's weights, its config). One line when the file is not an
-    HMTL checkpoint."""
+    """(HMTL model with the checkpoint's weights, its config). The model also carries
+    `classes` (the names, in its logits' order) and `image_size`. Raises CheckpointError, with
+    a one-line message, when the file is missing or is not an HMTL checkpoint."""
     if not os.path.exists(path):
-        raise SystemExit(f"error: checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         config, num_classes = checkpoint["config"], checkpoint["num_classes"]
@@ -254,9 +261,10 @@ def load_checkpoint(path, device="cpu"):
                                        *hmtl.saved_graph(checkpoint["model"]))
         model.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError, TypeError, ValueError, EOFError) as err:
-        raise SystemExit(f"error: {path} is not an HMTL checkpoint of train.py "
-                         f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path} is not an HMTL checkpoint of train.py "
+                              f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]})") from None
     model.classes = checkpoint.get("classes")
+    model.image_size = config["image_size"]
     return model.to(device).eval(), config
 
 
@@ -369,44 +377,189 @@ def image_paths(path):
     return [path]
 
 
+def face_pixels(image, size):
+    """One input of `predict` -> uint8 (3, size, size) RGB. A file path, a PIL image or an
+    H×W×3 uint8 RGB array goes through the training crop (data.load_face: the whole image,
+    resized with PIL's bilinear filter); a 3×H×W tensor (uint8 0–255, or float 0–1) is resized
+    on its device. Raises ValueError (or what PIL raises for a corrupt file) for what it cannot
+    read."""
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a 3×H×W RGB tensor, got shape {tuple(image.shape)}")
+        return tensor_pixels(image[None], size)[0]
+    if isinstance(image, np.ndarray) and (image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3):
+        raise ValueError(f"expected an H×W×3 uint8 RGB array, got {image.dtype} {image.shape}")
+    if not isinstance(image, (str, os.PathLike, np.ndarray, Image.Image)):
+        raise ValueError(f"cannot read a {type(image).__name__} as an image")
+    pixels, _ = data.load_face(data.Sample(os.fspath(image) if isinstance(image, os.PathLike)
+                                           else image, 0), size, 0.0)
+    return pixels
+
+
+def tensor_pixels(images, size):
+    """B×3×H×W uint8 (0–255) or float (0–1) RGB -> float 0–255 at size×size: the whole image
+    resized, antialiased like PIL's bilinear filter."""
+    pixels = images.float() if images.dtype == torch.uint8 else images.float() * 255
+    if pixels.shape[-2:] != (size, size):
+        pixels = F.interpolate(pixels, (size, size), mode="bilinear", align_corners=False,
+                               antialias=True).clamp(0, 255)
+    return pixels
+
+
 @torch.no_grad()
-def predict(model, paths, size, classes=None, device="cpu"):
-    """Label and class probabilities for each image file, which should be a face crop (no
-    detector here). Any mode (grey, RGBA, palette) is converted to RGB; the crop is squared and
-    resized as in training. Returns [(path, label, {class: probability})]; for head pose the
-    label is "yaw pitch roll" in degrees and the dict holds the three angles."""
+def predict(model, images, batch_size=64):
+    """Predictions for face crops (no detector here), in batches on the model's device (bf16
+    autocast on CUDA). The colour order is RGB everywhere.
+
+    `images` is one of: a list of file paths, of PIL images (any mode; converted to RGB), or
+    of H×W×3 uint8 RGB arrays; a B×3×H×W tensor, uint8 in 0–255 or float in 0–1. Each face is
+    resized to the model's size as in training (the whole image, stretched if not square).
+
+    Returns one dict per input, in order: "label" and "logits" (the head's raw outputs) for
+    every task; a classifier adds "probabilities" by class name, in the checkpoint's class
+    order (the logits' order); valence/arousal adds "valence" and "arousal" (in (-1, 1)); head
+    pose "yaw", "pitch" and "roll" in degrees; the multi-task head also "action_units" (each
+    AU's probability) and "active_action_units" (at 0.5). An input that cannot be read gives
+    {"error": why} and the rest of its batch goes on."""
     model.eval()
+    device = next(model.parameters()).device
+    size, classes = getattr(model, "image_size", None), getattr(model, "classes", None)
+    if size is None:
+        raise ValueError("the model does not say its image size: load it with eval.load_checkpoint")
+    task = hmtl.TASKS[model.task]
+    batched = isinstance(images, torch.Tensor)
+    if batched and (images.dim() != 4 or images.shape[1] != 3):
+        raise ValueError(f"expected a B×3×H×W RGB tensor, got shape {tuple(images.shape)}")
     results = []
-    for path in paths:
-        try:
-            pixels, _ = data.load_face(data.Sample(path, 0), size, 0.0)
-        except (OSError, ValueError, SyntaxError) as err:
-            results.append((path, f"unreadable ({err.__class__.__name__})", {}))
-            continue
-        output = model(data.normalize(pixels[None].to(device))).float()[0].cpu()
-        label, scores = hmtl.TASKS[model.task].predict(output, classes)
-        results.append((path, label, scores))
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        errors = {}
+        if batched:
+            pixels = tensor_pixels(chunk.to(device, non_blocking=True), size)
+        else:
+            readable = []
+            for i, image in enumerate(chunk):
+                try:
+                    readable.append(face_pixels(image, size).to(device))
+                except (OSError, ValueError, SyntaxError) as err:
+                    errors[i] = f"unreadable ({err.__class__.__name__}: {str(err)[:120]})"
+            pixels = torch.stack(readable) if readable else None
+        outputs = []
+        if pixels is not None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                outputs = model(data.normalize(pixels)).float().cpu()
+        rows = iter(outputs)
+        for i in range(len(chunk)):
+            if i in errors:
+                results.append({"error": errors[i]})
+                continue
+            row = next(rows)
+            results.append({**task.predict(row, classes), "logits": row.tolist()})
     return results
 
 
-def export_torchscript(model, path, size):
-    """The deployable model (no pretext heads) traced to TorchScript: torch.jit.load(path)."""
-    deployed = hmtl.export(model).cpu()
-    example = torch.zeros(1, 3, size, size)
-    with torch.no_grad():
-        traced = torch.jit.trace(deployed, example)
-    traced.save(path)
+def flat_prediction(prediction):
+    """One prediction as a CSV row's fields: the nested parts spread out by name."""
+    flat = {}
+    for key, value in prediction.items():
+        if key in ("probabilities", "action_units"):
+            flat.update(value)
+        elif key == "logits":
+            flat.update({f"logit_{i}": v for i, v in enumerate(value)})
+        elif key == "active_action_units":
+            flat[key] = " ".join(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def write_predictions(predictions, path):
+    """--predict's output file: JSON (a list of objects) or CSV (one row per image), by suffix."""
+    if path.lower().endswith(".json"):
+        with open(path, "w") as f:
+            json.dump(predictions, f, indent=1)
+        return path
+    rows = [flat_prediction(p) for p in predictions]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
     return path
 
 
-def export_onnx(model, path, size):
+class Deployable(torch.nn.Module):
+    """What the exported files hold: RGB floats in [0, 1], B×3×H×W at the model's size ->
+    ImageNet normalisation -> the deployable encoder and task head (hmtl.export: no pretext
+    head) -> the head's raw outputs, as `predict`'s "logits"."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.network = hmtl.export(model).cpu()
+        self.register_buffer("mean", torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, images):
+        return self.network((images - self.mean) / self.std)
+
+
+def export_description(model):
+    """What a user of an exported file needs to read its outputs (saved beside or inside it)."""
+    width = hmtl.task_outputs(model.task, model.num_classes)
+    return {"task": model.task, "classes": list(model.classes or []), "image_size": model.image_size,
+            "input": f"images: B×3×{model.image_size}×{model.image_size} float32, RGB in [0, 1] "
+                     "(normalised inside)",
+            "outputs": f"B×{width} raw head outputs; " + EXPORT_OUTPUTS[model.task]}
+
+
+EXPORT_OUTPUTS = {  # how each task's raw outputs read (hmtl.TASKS[task].predict does it in Python)
+    "classify": "softmax gives the probabilities of `classes`, in that order",
+    "va": "tanh of the two gives valence and arousal",
+    "expr_va": "the first len(classes) are the class logits; tanh of the last two gives valence "
+               "and arousal",
+    "pose": f"yaw, pitch and roll logits over {hmtl.POSE_BINS} bins each (3 × {hmtl.POSE_BINS}); "
+            "each angle is the softmax-weighted mean of the bin centres, hmtl.pose_bin_centres()",
+    "mtl": "the first len(classes) are the expression logits, then valence and arousal (tanh), "
+           f"then the logits of the 12 action units {', '.join(hmtl.AU_NAMES)} (sigmoid)",
+}
+
+
+def example_batch(model):
+    """Two RGB images at the model's size: a batch size that torch.export does not
+    specialise on (0 and 1 are special-cased), so the batch axis stays dynamic."""
+    return torch.rand(2, 3, model.image_size, model.image_size)
+
+
+def export_program(model, path):
+    """torch.export's program, with a dynamic batch axis, saved as a .pt2 file (load with
+    torch.export.load(path).module()), and its description in a .json beside it."""
+    deployable = Deployable(model).eval()
+    program = torch.export.export(deployable, (example_batch(model),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, path)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(export_description(model), f, indent=1)
+    return path
+
+
+def export_onnx(model, path):
+    """ONNX (opset 18, dynamic batch axis; input "images", output "outputs"); the description
+    (classes, task, input, outputs) in the file's metadata_props."""
     try:
-        import onnx  # noqa: F401  (torch's exporter needs it)
-    except ImportError:
-        raise SystemExit("error: ONNX export needs the onnx package: pip install onnx onnxscript") from None
-    deployed = hmtl.export(model).cpu()
-    torch.onnx.export(deployed, (torch.zeros(1, 3, size, size),), path, input_names=["images"],
-                      output_names=["outputs"], dynamic_axes={"images": {0: "batch"}})
+        import onnx
+        import onnxscript  # noqa: F401  (torch's exporter needs it)
+    except ImportError as err:
+        raise SystemExit(f"error: ONNX export needs the {err.name} package: "
+                         "pip install onnx onnxscript") from None
+    deployable = Deployable(model).eval()
+    torch.onnx.export(deployable, (example_batch(model),), path, input_names=["images"],
+                      output_names=["outputs"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                      dynamo=True, external_data=False, verbose=False)
+    exported = onnx.load(path)
+    for key, value in export_description(model).items():
+        entry = exported.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(exported, path)
     return path
 
 
@@ -466,8 +619,12 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="folder for the confusion-matrix PNG (default: beside the checkpoint)")
     parser.add_argument("--predict", metavar="IMAGE_OR_FOLDER", help="label face crops instead")
-    parser.add_argument("--export-torchscript", metavar="PATH")
-    parser.add_argument("--export-onnx", metavar="PATH")
+    parser.add_argument("--predictions-out", metavar="FILE.csv|FILE.json",
+                        help="--predict: also write the predictions to a CSV or JSON file")
+    parser.add_argument("--export", metavar="FILE.pt2",
+                        help="save the deployable model with torch.export (+ FILE.json: classes, "
+                             "inputs, outputs)")
+    parser.add_argument("--export-onnx", metavar="FILE.onnx", help="save it as ONNX")
     parser.add_argument("--extract-features", metavar="NPZ",
                         help="with --dataset: save the split's pooled embeddings and targets")
     parser.add_argument("--heads-on-features", nargs=2, metavar=("TRAIN_NPZ", "TEST_NPZ"),
@@ -490,23 +647,33 @@ def main(argv=None):
         parser.error("--checkpoint is required")
 
     device = torch.device(args.device)
-    model, config = load_checkpoint(args.checkpoint, device)
+    try:
+        model, config = load_checkpoint(args.checkpoint, device)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
     result = {}
-    if args.export_torchscript:
-        result["torchscript"] = export_torchscript(model, args.export_torchscript, config["image_size"])
+    if args.export:
+        result["export"] = export_program(model, args.export)
     if args.export_onnx:
-        result["onnx"] = export_onnx(model, args.export_onnx, config["image_size"])
+        result["onnx"] = export_onnx(model, args.export_onnx)
     if args.predict:
-        predictions = predict(model, image_paths(args.predict), config["image_size"],
-                              model.classes, device)
-        result["predictions"] = [{"image": p, "label": label, "scores": scores}
-                                 for p, label, scores in predictions]
+        paths = image_paths(args.predict)
+        predictions = [{"image": path, **p} for path, p in
+                       zip(paths, predict(model, paths, args.batch_size))]
+        result["predictions"] = predictions
+        if args.predictions_out:
+            result["predictions_file"] = write_predictions(predictions, args.predictions_out)
         if not args.json:
-            for p, label, scores in predictions:  # the label, and the top 3 class probabilities
-                ranked = sorted((kv for kv in scores.items() if kv[0] in (model.classes or ())),
-                                key=lambda kv: -kv[1])[:3]
-                print(f"{p}: {label}" + (f"  ({', '.join(f'{k} {v:.3f}' for k, v in ranked)})"
-                                         if ranked else ""))
+            for p in predictions:  # the label, the top 3 class probabilities, VA, AUs
+                ranked = sorted(p.get("probabilities", {}).items(), key=lambda kv: -kv[1])[:3]
+                extra = [f"{k} {v:.3f}" for k, v in ranked] + \
+                    [f"{k} {p[k]:.3f}" for k in ("valence", "arousal") if k in p]
+                if "active_action_units" in p:
+                    extra.append("AUs: " + (" ".join(p["active_action_units"]) or "none"))
+                print(f"{p['image']}: {p.get('label', p.get('error'))}"
+                      + (f"  ({', '.join(extra)})" if extra else ""))
+            if args.predictions_out:
+                print(f"predictions written to {args.predictions_out}")
     if args.dataset:
         try:
             classes = args.classes or (config.get("classes") if args.dataset == config["dataset"] else None)
@@ -538,8 +705,8 @@ def main(argv=None):
                     print(f"  confusion matrix picture: {metrics['confusion_png']}")
     if args.json:
         print(json.dumps(result, indent=1))
-    elif args.export_torchscript or args.export_onnx:
-        for kind in ("torchscript", "onnx"):
+    elif args.export or args.export_onnx:
+        for kind in ("export", "onnx"):
             if kind in result:
                 print(f"exported {kind}: {result[kind]}")
     return result

@@ -268,7 +268,7 @@ class Task:
     loss: object                # (model, outputs, targets) -> scalar
     metrics: object             # (outputs, targets, classes) -> dict
     selection: object           # (metrics, dataset name) -> float
-    predict: object             # (one output row, classes) -> (label text, {name: value})
+    predict: object             # (one output row, classes) -> {"label": ..., its parts}
     angles: bool = False        # its "target" is head pose, which augmentation must move
 
 
@@ -292,14 +292,18 @@ def expression_score(metrics, dataset):
 
 
 def class_prediction(logits, classes):
+    """The most probable class's name, and every class's probability by name."""
     probabilities = logits.float().softmax(0).tolist()
     names = classes or [str(c) for c in range(len(probabilities))]
-    return names[int(np.argmax(probabilities))], dict(zip(names, probabilities))
+    return {"label": names[int(np.argmax(probabilities))],
+            "probabilities": dict(zip(names, probabilities))}
 
 
-def va_prediction(output):
+def va_prediction(output, classes=None):
+    """Valence and arousal in (-1, 1): the tanh of the head's two raw outputs."""
     valence, arousal = valence_arousal(output[None])[0].tolist()
-    return {"valence": valence, "arousal": arousal}
+    return {"label": f"valence {valence:.3f} arousal {arousal:.3f}", "valence": valence,
+            "arousal": arousal}
 
 
 def mtl_split(outputs, num_classes):
@@ -328,23 +332,26 @@ def mtl_metrics(outputs, targets, classes):
 
 
 def mtl_prediction(output, classes):
+    """The expression (label and probabilities), valence and arousal, and each AU's probability
+    with the AUs present at threshold 0.5."""
     expression, va, au = mtl_split(output[None], len(classes))
-    label, scores = class_prediction(expression[0], classes)
-    scores.update(valence=float(va[0, 0]), arousal=float(va[0, 1]),
-                  **{name: float(p) for name, p in zip(AU_NAMES, au[0])})
-    active = [name for name, p in zip(AU_NAMES, au[0]) if p >= 0.5]
-    return f"{label} (valence {va[0, 0]:.3f}, arousal {va[0, 1]:.3f}; {' '.join(active) or 'no AU'})", scores
+    units = dict(zip(AU_NAMES, au[0].tolist()))
+    return {**class_prediction(expression[0], classes), "valence": float(va[0, 0]),
+            "arousal": float(va[0, 1]), "action_units": units,
+            "active_action_units": [name for name, p in units.items() if p >= 0.5]}
 
 
 def angles_prediction(output, classes):
-    angles = pose_expectation(output.view(1, 3, POSE_BINS))[0].tolist()
-    return " ".join(f"{a:.1f}" for a in angles), dict(zip(("yaw", "pitch", "roll"), angles))
+    """Yaw, pitch and roll in degrees (the expectation over each angle's bins)."""
+    yaw, pitch, roll = pose_expectation(output.view(1, 3, POSE_BINS))[0].tolist()
+    return {"label": f"yaw {yaw:.1f} pitch {pitch:.1f} roll {roll:.1f}", "yaw": yaw,
+            "pitch": pitch, "roll": roll}
 
 
 def expr_va_prediction(output, classes):
-    label, scores = class_prediction(output[:-2], classes)
-    scores.update(va_prediction(output))
-    return f"{label} (valence {scores['valence']:.3f}, arousal {scores['arousal']:.3f})", scores
+    va = va_prediction(output)
+    return {**class_prediction(output[:-2], classes), "valence": va["valence"],
+            "arousal": va["arousal"]}
 
 
 TASKS = {
@@ -361,8 +368,7 @@ TASKS = {
         loss=lambda m, out, t: va_loss(valence_arousal(out), t["va"]),
         metrics=lambda out, t, classes: va_metrics(valence_arousal(out), t["va"]),
         selection=lambda metrics, dataset: metrics.get("ccc_mean", -1.0),
-        predict=lambda out, classes: ("valence {valence:.3f} arousal {arousal:.3f}".format(
-            **va_prediction(out)), va_prediction(out))),
+        predict=va_prediction),
     # both in one head, as HSEmotion's multi-task EfficientNet: class-weighted CE + (1 - CCC)s
     "expr_va": Task(
         outputs=lambda classes: classes + 2, labels=("target", "va"),

@@ -2024,9 +2024,8 @@ def test_expr_va_training_evaluation_prediction_and_features(tiny_demo, tmp_path
     write_image(tmp_path / "face.jpg", (40, 40))
     prediction = evaluation.main(["--checkpoint", best, "--predict", str(tmp_path / "face.jpg"),
                                   "--json"])["predictions"][0]
-    assert "valence" in prediction["label"] and set(prediction["scores"]) >= {"Happy", "arousal"}
-    assert sum(v for k, v in prediction["scores"].items() if k in data.AFFECTNET_CLASSES) == \
-        pytest.approx(1, abs=1e-5)
+    assert prediction["label"] in data.AFFECTNET_CLASSES and -1 < prediction["arousal"] < 1
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-5)
     features = evaluation.main(["--checkpoint", best, "--dataset", "demo", "--data-root",
                                 tiny_demo, "--extract-features", str(tmp_path / "f.npz"),
                                 "--json", "--workers", "0"])["features"]
@@ -2188,7 +2187,88 @@ def test_distributed_data_parallel_on_cpu_with_gloo(tiny_demo, tmp_path):
     assert state["step"] == 2  # 32 samples / 2 processes / batch 8
 
 
-def test_eval_cli_predict_and_export(tiny_demo, tmp_path, capsys):
+def random_deployable(task, classes=None, size=32, arch="b0"):
+    """An HMTL model with every weight and BN statistic random (a fresh one's task head is
+    zero, which would make any comparison of outputs trivial), as load_checkpoint returns it."""
+    torch.manual_seed(0)
+    model = hmtl.model_from_config({**hmtl.DEFAULTS, "task": task, "arch": arch},
+                                   len(classes) if classes else None).eval()
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                value.copy_(torch.rand_like(value) + 0.5 if "running_var" in name
+                            else torch.randn_like(value) * 0.1)
+    model.classes, model.image_size = classes, size
+    return model
+
+
+def test_predict_takes_every_kind_of_input_and_batches_like_one_at_a_time(tmp_path):
+    model = random_deployable("classify", data.AFFECTNET_CLASSES)
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(5)]
+    pictures = [Image.fromarray(a) for a in arrays]
+    paths = []
+    for i, picture in enumerate(pictures):
+        paths.append(str(tmp_path / f"face{i}.png"))  # lossless: the same pixels come back
+        picture.save(paths[-1])
+    uint8_batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    kinds = {"arrays": arrays, "PIL": pictures, "paths": paths, "uint8 tensor": uint8_batch,
+             "float tensor": uint8_batch.float() / 255, "list of tensors": list(uint8_batch)}
+    reference = evaluation.predict(model, arrays, batch_size=64)
+    for name, images in kinds.items():
+        batched = evaluation.predict(model, images, batch_size=64)
+        alone = evaluation.predict(model, images, batch_size=1)
+        for together, single, expected in zip(batched, alone, reference):
+            assert together["label"] == single["label"] == expected["label"], name
+            np.testing.assert_allclose(together["logits"], single["logits"], atol=1e-5)
+            np.testing.assert_allclose(together["logits"], expected["logits"], atol=1e-4)
+    first = reference[0]
+    assert list(first["probabilities"]) == data.AFFECTNET_CLASSES  # the logits' order
+    assert sum(first["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    assert first["label"] == max(first["probabilities"], key=first["probabilities"].get)
+    # another size is resized as in training; an unreadable item fails alone
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    mixed = evaluation.predict(model, [paths[0], str(tmp_path / "broken.jpg"),
+                                       np.zeros((48, 40, 3), np.uint8), np.zeros((8, 8), np.float32),
+                                       Image.new("RGBA", (50, 50)), Image.new("L", (20, 30))], 4)
+    assert [("error" in p) for p in mixed] == [False, True, False, True, False, False]
+    np.testing.assert_allclose(mixed[0]["logits"], reference[0]["logits"], atol=1e-5)
+    assert "unreadable" in mixed[1]["error"] and "H×W×3 uint8" in mixed[3]["error"]
+    with pytest.raises(ValueError, match="B×3×H×W"):
+        evaluation.predict(model, torch.zeros(2, 32, 32))
+
+
+@pytest.mark.parametrize("task", ["va", "expr_va", "pose", "mtl"])
+def test_predict_gives_every_task_its_parts(task):
+    classes = None if task in ("va", "pose") else \
+        (data.AFFWILD2_MTL_CLASSES if task == "mtl" else data.AFFECTNET_CLASSES)
+    model = random_deployable(task, classes)
+    images = torch.rand(3, 3, 40, 40)
+    batched = evaluation.predict(model, images, batch_size=2)
+    width = hmtl.task_outputs(task, len(classes) if classes else None)
+    for i, result in enumerate(batched):
+        assert len(result["logits"]) == width
+        np.testing.assert_allclose(result["logits"],
+                                   evaluation.predict(model, images[i:i + 1])[0]["logits"], atol=1e-5)
+    result = batched[0]
+    parts = {"va": {"valence", "arousal"}, "expr_va": {"probabilities", "valence", "arousal"},
+             "pose": {"yaw", "pitch", "roll"},
+             "mtl": {"probabilities", "valence", "arousal", "action_units", "active_action_units"}}
+    assert set(result) == {"label", "logits"} | parts[task]
+    if "valence" in result:
+        assert -1 < result["valence"] < 1 and -1 < result["arousal"] < 1
+        assert result["valence"] == pytest.approx(math.tanh(result["logits"][-2 if task != "mtl" else 8]), abs=1e-5)
+    if classes:
+        assert list(result["probabilities"]) == classes and result["label"] in classes
+    if task == "mtl":
+        assert list(result["action_units"]) == list(hmtl.AU_NAMES)
+        assert result["active_action_units"] == [k for k, p in result["action_units"].items() if p >= 0.5]
+    if task == "pose":
+        angles = hmtl.pose_expectation(torch.tensor(result["logits"]).view(1, 3, hmtl.POSE_BINS))[0]
+        assert [result[k] for k in ("yaw", "pitch", "roll")] == pytest.approx(angles.tolist(), abs=1e-4)
+
+
+def test_eval_cli_predicts_a_folder_to_csv_and_json(tiny_demo, tmp_path, capsys):
     run_train(tiny_demo, tmp_path / "run", "--ssl", "puzzle", "--max-steps", "2", "--no-eval")
     best = str(tmp_path / "run" / "best.pt")
     result = evaluation.main(["--checkpoint", best, "--dataset", "demo", "--data-root", tiny_demo,
@@ -2202,28 +2282,75 @@ def test_eval_cli_predict_and_export(tiny_demo, tmp_path, capsys):
     Image.new("RGBA", (30, 30), (9, 9, 9, 9)).save(faces / "rgba.png")
     (faces / "broken.jpg").write_bytes(b"no")
     capsys.readouterr()
-    result = evaluation.main(["--checkpoint", best, "--predict", str(faces), "--json"])
+    result = evaluation.main(["--checkpoint", best, "--predict", str(faces), "--json",
+                              "--predictions-out", str(tmp_path / "p.json")])
     predictions = result["predictions"]
     assert [Path(p["image"]).name for p in predictions] == ["broken.jpg", "grey.png", "mode_l.jpg", "rgba.png"]
-    assert predictions[0]["label"].startswith("unreadable")
+    assert predictions[0]["error"].startswith("unreadable")
     for p in predictions[1:]:
         assert p["label"] in data.AFFECTNET_CLASSES
-        assert sum(p["scores"].values()) == pytest.approx(1, abs=1e-5)
-    script = evaluation.main(["--checkpoint", best, "--export-torchscript", str(tmp_path / "m.pt")])
-    loaded = torch.jit.load(script["torchscript"])
-    model, _ = evaluation.load_checkpoint(best)
-    images = torch.randn(2, 3, 32, 32)
+        assert sum(p["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    assert json.loads((tmp_path / "p.json").read_text()) == predictions
+    evaluation.main(["--checkpoint", best, "--predict", str(faces),
+                     "--predictions-out", str(tmp_path / "p.csv")])
+    printed = capsys.readouterr().out
+    assert "broken.jpg: unreadable" in printed and "predictions written to" in printed
+    import csv
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["image"]).name for r in rows] == ["broken.jpg", "grey.png", "mode_l.jpg", "rgba.png"]
+    assert rows[1]["label"] == predictions[1]["label"] and rows[0]["label"] == ""
+    assert float(rows[1]["Happy"]) == pytest.approx(predictions[1]["probabilities"]["Happy"])
+    assert float(rows[1]["logit_7"]) == pytest.approx(predictions[1]["logits"][7])
+
+
+def test_load_checkpoint_raises_an_exception_a_program_can_catch(tmp_path):
+    junk = tmp_path / "junk.pt"
+    torch.save({"weights": torch.zeros(3)}, junk)
+    with pytest.raises(evaluation.CheckpointError, match="is not an HMTL checkpoint") as caught:
+        evaluation.load_checkpoint(str(junk))
+    assert "\n" not in str(caught.value)
+    with pytest.raises(evaluation.CheckpointError, match="does not exist"):
+        evaluation.load_checkpoint(str(tmp_path / "none.pt"))
+
+
+@pytest.mark.parametrize("task", ["classify", "expr_va"])
+def test_both_exports_match_the_model_and_carry_the_class_names(task, tmp_path):
+    import onnxruntime
+    import onnx
+    model = random_deployable(task, data.AFFECTNET_CLASSES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated call of ours (jit.trace was)
+        program = evaluation.export_program(model, str(tmp_path / "m.pt2"))
+        onnx_path = evaluation.export_onnx(model, str(tmp_path / "m.onnx"))
+    images = torch.rand(3, 3, 32, 32)  # RGB in [0, 1]; the files normalise inside
     with torch.no_grad():
-        torch.testing.assert_close(loaded(images), model(images))
-    assert not any("puzzle" in name for name, _ in loaded.named_parameters())
+        expected = model(data.normalize(images * 255))
+    loaded = torch.export.load(program).module()
+    torch.testing.assert_close(loaded(images), expected, atol=1e-4, rtol=0)
+    session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    (outputs,) = session.run(None, {"images": images.numpy()})
+    np.testing.assert_allclose(outputs, expected.numpy(), atol=1e-4, rtol=0)
+    assert session.get_inputs()[0].shape[0] not in (1, 2, 3)  # the batch axis is dynamic
+    described = json.loads((tmp_path / "m.json").read_text())
+    assert described["classes"] == data.AFFECTNET_CLASSES and described["task"] == task
+    metadata = {p.key: p.value for p in onnx.load(onnx_path).metadata_props}
+    assert json.loads(metadata["classes"]) == data.AFFECTNET_CLASSES
+    assert metadata["outputs"] == described["outputs"]
+    assert not any("puzzle" in name or "decoder" in name for name, _ in loaded.named_parameters())
 
 
-def test_onnx_export_without_onnx_says_what_to_install(tiny_demo, tmp_path, monkeypatch):
-    run_train(tiny_demo, tmp_path / "run", "--max-steps", "1", "--no-eval")
-    monkeypatch.setitem(sys.modules, "onnx", None)
-    with pytest.raises(SystemExit, match="pip install onnx onnxscript"):
-        evaluation.main(["--checkpoint", str(tmp_path / "run" / "best.pt"),
-                         "--export-onnx", str(tmp_path / "m.onnx")])
+def test_eval_cli_exports_both_files(tiny_demo, tmp_path):
+    run_train(tiny_demo, tmp_path / "run", "--ssl", "puzzle", "--max-steps", "1", "--no-eval")
+    best = str(tmp_path / "run" / "best.pt")
+    result = evaluation.main(["--checkpoint", best, "--export", str(tmp_path / "m.pt2"),
+                              "--export-onnx", str(tmp_path / "m.onnx")])
+    assert Path(result["export"]).exists() and Path(result["onnx"]).exists()
+    model, _ = evaluation.load_checkpoint(best)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(result["export"]).module()(images),
+                                   model(data.normalize(images * 255)), atol=1e-4, rtol=0)
 
 
 def test_ckplus_nonlinear_evaluation(ckplus_root, tiny_demo, tmp_path):
@@ -2263,9 +2390,10 @@ def test_ckplus48_and_ferplus_train_and_evaluate_with_their_protocols(tiny_demo,
 # bench.py: the benchmark runs and reports what it promises (its numbers are not tested here).
 
 def test_bench_reports_every_contender():
-    rows = bench.main(["models", "hmtl", "data", "fingerprint", "--arch", "b0", "--size", "32",
-                       "--batch", "2", "--steps", "1", "--rounds", "1", "--data-size", "32",
-                       "--data-images", "4", "--fingerprint-images", "20", "--json"])
+    rows = bench.main(["models", "hmtl", "data", "fingerprint", "reader", "--arch", "b0",
+                       "--size", "32", "--batch", "2", "--steps", "1", "--rounds", "1",
+                       "--data-size", "32", "--data-images", "4", "--fingerprint-images", "20",
+                       "--reader-rows", "1000", "--json"])
     models_rows = [r for r in rows if r["part"] == "models"]
     assert [r["model"] for r in models_rows] == ["hand-written", "hand-written, memory_efficient",
                                                  "torchvision"]
@@ -2283,6 +2411,10 @@ def test_bench_reports_every_contender():
     check = [r for r in rows if r["part"] == "fingerprint"]
     assert [r["model"] for r in check] == ["os.path.exists per row, 20 rows", "data.split_fingerprint, 20 rows"]
     assert check[0]["ratio_vs_exists"] == 1.0 and check[1]["seconds"] > 0
+    reader = [r for r in rows if r["part"] == "reader"]  # 1000 training rows, 188 validation
+    assert [r["model"] for r in reader] == ["csv + float() only, 1188 rows",
+                                            "data.load('affwild2_mtl'), 1188 rows"]
+    assert reader[0]["ratio_vs_parse"] == 1.0 and reader[1]["seconds"] > 0
 
 
 # ----------------------------------------------------------------------------------------------

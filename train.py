@@ -345,6 +345,7 @@ def build_model(config, args, prepared, checkpoint=None, seed=0, rank=0,
     graph, node_vectors = graph_head_inputs(config, faces, prepared.train_set, checkpoint, log)
     model = hmtl.model_from_config(config, num_classes, prepared.weights, graph, node_vectors,
                                    prepared.au_pos_weight)
+    model.classes, model.image_size = faces.classes, size  # what eval.predict reads
     if checkpoint is None:
         init_weights(model, config)
     region_layout = None
@@ -391,7 +392,10 @@ def build_model(config, args, prepared, checkpoint=None, seed=0, rank=0,
 def final_evaluation(out, config, faces, data_root, device, args, record):
     """After training: best.pt on the split the dataset's papers report (test where there is
     one), printed and recorded as the run's "test" entry."""
-    best_model, _ = evaluation.load_checkpoint(os.path.join(out, "best.pt"), device)
+    try:
+        best_model, _ = evaluation.load_checkpoint(os.path.join(out, "best.pt"), device)
+    except evaluation.CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
     split = faces.eval_split
     metrics = evaluation.evaluate(best_model, config, faces, split, data_root, device,
                                   config["batch_size"], args.workers, out)
