@@ -7,7 +7,7 @@ round by round (contender A, contender B, A, B, ...) and summarised by the media
     python bench.py                      # CPU: small images and batch; CUDA: 224 px, bf16 AMP
     python bench.py --arch b0 --size 224 --batch 128 --steps 20 --json
 
-Parts (`python bench.py models hmtl`; all by default):
+Parts (`python bench.py models hmtl`; default: models hmtl data predict):
   models   the training step (forward, backward, optimizer step) of the hand-written
            EfficientNet (models.py) against torchvision's, B0 and B2; the hand-written one
            also with memory_efficient=True.
@@ -15,6 +15,8 @@ Parts (`python bench.py models hmtl`; all by default):
            puzzling and with in-painting, against plain supervised learning (SL); also the
            expression + valence/arousal task (expr_va) with its linear and its GCN head, and
            ABAW's multi-task head (mtl: VA + 8 expressions + 12 AUs, each term masked).
+  predict  eval.predict on an in-memory uint8 batch against the bare forward of the same
+           model on the same (normalised) batch.
   e2e      train.py end to end (data + step + validation), SL vs puzzle vs in-painting: one
            demo epoch at 64 px on the CPU; 224 px, B0 and B2, on CUDA, with the projected time
            of one AffectNet-8 epoch (287,651 images)
@@ -116,6 +118,22 @@ def paired_ratio(reference_times, times, label):
             f"ratio_{label}_min": ratios[0], f"ratio_{label}_max": ratios[-1]}
 
 
+def whole_job_rows(part, count, contenders, rounds=3):
+    """Contenders that each time one whole job (`run()` returns its seconds) over `count`
+    items: interleaved rounds, the median, rows relative to the first contender."""
+    times = {key: [] for key in contenders}
+    for _ in range(rounds):
+        for key, (_, run) in contenders.items():
+            times[key].append(run())
+    seconds = {key: statistics.median(values) for key, values in times.items()}
+    baseline = next(iter(contenders))
+    ratio = {key: seconds[baseline] / seconds[key] for key in contenders}
+    return [dict(part=part, arch="-", model=label, images_per_s=count / seconds[key],
+                 seconds=seconds[key], **{f"ratio_vs_{baseline}{end}": ratio[key]
+                                          for end in ("", "_min", "_max")}, peak_mib=None)
+            for key, (label, _) in contenders.items()]
+
+
 def peak_mib(step, device):
     if device.type != "cuda":
         return None
@@ -193,6 +211,39 @@ def bench_hmtl(args, device, autocast):
                 peak_mib=peak_mib(steps[name], device)))
     return rows
 
+
+
+def bench_predict(args, device, autocast):
+    """eval.predict on an in-memory uint8 batch (resize, normalisation, forward under bf16
+    autocast on CUDA, one result dict per image) against the bare forward of the same model on
+    the same batch, already normalised at the model's size: what the convenience costs."""
+    import data
+    import eval as evaluation
+    import hmtl
+
+    rows = []
+    for arch in args.arch:
+        torch.manual_seed(0)
+        model = hmtl.HMTL(arch, num_classes=args.classes).to(
+            device, memory_format=memory_format(args)).eval()
+        model.classes, model.image_size = [f"class {c}" for c in range(args.classes)], args.size
+        pixels = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8)
+        normalised = data.normalize(pixels.to(device)).contiguous(memory_format=memory_format(args))
+
+        @torch.no_grad()
+        def bare():
+            with autocast():
+                model(normalised).float().cpu()
+
+        def predict():
+            evaluation.predict(model, pixels, batch_size=args.batch)
+        times = race({"forward": bare, "predict": predict}, device, args.steps, args.rounds)
+        for name, label in (("forward", "bare model forward"), ("predict", "eval.predict")):
+            rows.append(dict(part="predict", arch=arch, model=label,
+                             images_per_s=args.batch / statistics.median(times[name]),
+                             **paired_ratio(times["forward"], times[name], "vs_forward"),
+                             peak_mib=None))
+    return rows
 
 def bench_data(args, device, autocast):
     """Can the input pipeline feed the training step? On `args.data_size` px faces from
@@ -306,17 +357,9 @@ def bench_fingerprint(args, device, autocast):
             start = time.perf_counter()
             data.split_fingerprint(samples, root)
             return time.perf_counter() - start
-        times = {"exists": [], "fingerprint": []}
-        for _ in range(3):  # interleaved rounds, median
-            times["exists"].append(exists())
-            times["fingerprint"].append(fingerprint())
-    seconds = {k: statistics.median(v) for k, v in times.items()}
-    return [dict(part="fingerprint", arch="-", model=name, images_per_s=count / seconds[key],
-                 seconds=seconds[key], ratio_vs_exists=seconds["exists"] / seconds[key],
-                 ratio_vs_exists_min=seconds["exists"] / seconds[key],
-                 ratio_vs_exists_max=seconds["exists"] / seconds[key], peak_mib=None)
-            for key, name in (("exists", f"os.path.exists per row, {count} rows"),
-                              ("fingerprint", f"data.split_fingerprint, {count} rows"))]
+        return whole_job_rows("fingerprint", count, {
+            "exists": (f"os.path.exists per row, {count} rows", exists),
+            "fingerprint": (f"data.split_fingerprint, {count} rows", fingerprint)})
 
 
 def bench_reader(args, device, autocast):
@@ -367,18 +410,10 @@ def bench_reader(args, device, autocast):
             data.task_label_counts(faces.splits["train"])
             assert sum(map(len, faces.splits.values())) == sum(sizes.values())
             return time.perf_counter() - start
-        times = {"parse": [], "load": []}
-        for _ in range(3):  # interleaved rounds, median
-            times["parse"].append(parse())
-            times["load"].append(load())
-    rows = sum(sizes.values())
-    seconds = {k: statistics.median(v) for k, v in times.items()}
-    return [dict(part="reader", arch="-", model=name, images_per_s=rows / seconds[key],
-                 seconds=seconds[key], ratio_vs_parse=seconds["parse"] / seconds[key],
-                 ratio_vs_parse_min=seconds["parse"] / seconds[key],
-                 ratio_vs_parse_max=seconds["parse"] / seconds[key], peak_mib=None)
-            for key, name in (("parse", f"csv + float() only, {rows} rows"),
-                              ("load", f"data.load('affwild2_mtl'), {rows} rows"))]
+        rows = sum(sizes.values())
+        return whole_job_rows("reader", rows, {
+            "parse": (f"csv + float() only, {rows} rows", parse),
+            "load": (f"data.load('affwild2_mtl'), {rows} rows", load)})
 
 
 def bench_e2e(args, device, autocast):
@@ -463,8 +498,8 @@ def print_table(rows, baseline):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("parts", nargs="*", default=["models", "hmtl", "data"],
-                        choices=list(PARTS), help="which benchmarks (default: models hmtl data)")
+    parser.add_argument("parts", nargs="*", default=["models", "hmtl", "data", "predict"],
+                        choices=list(PARTS), help="which benchmarks (default: models hmtl data predict)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--arch", nargs="+", default=["b0", "b2"], choices=sorted(models.VARIANTS))
     parser.add_argument("--size", type=int, help="image side in pixels (CPU 112, CUDA 224)")
@@ -515,7 +550,8 @@ def main(argv=None):
 # part name -> (function, the contender the ratios are relative to)
 PARTS = {"models": (bench_models, "torchvision"), "hmtl": (bench_hmtl, "sl"),
          "data": (bench_data, "step"), "e2e": (bench_e2e, "sl"),
-         "fingerprint": (bench_fingerprint, "exists"), "reader": (bench_reader, "parse")}
+         "fingerprint": (bench_fingerprint, "exists"), "reader": (bench_reader, "parse"),
+         "predict": (bench_predict, "forward")}
 
 
 if __name__ == "__main__":

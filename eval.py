@@ -365,6 +365,113 @@ def ckplus_nonlinear(model, faces, size, device, batch_size=64, epochs=200):
 
 
 # ----------------------------------------------------------------------------------------------
+# Other label sets. Datasets name the same expressions differently (AffectNet "Happy", RAF-DB
+# "Happiness", FER+ "happiness", the ABAW LSD folders "ANGRER"); a classifier can be scored on
+# any dataset whose classes are a subset of its own, by name, keeping only their logits.
+
+CLASS_SYNONYMS = {"happy": "happiness", "sad": "sadness", "angry": "anger", "angrer": "anger",
+                  "surprised": "surprise"}
+
+
+def class_key(name):
+    name = name.strip().lower()
+    return CLASS_SYNONYMS.get(name, name)
+
+
+def match_classes(own, wanted):
+    """For each class of `wanted`, the index of the same class in `own` (by name, case and the
+    usual synonyms aside). Returns (indices, the names of `own` left out); raises ValueError,
+    naming them, when some of `wanted` are not in `own`."""
+    keys = [class_key(c) for c in own]
+    missing = [c for c in wanted if class_key(c) not in keys]
+    if missing:
+        raise ValueError(f"the model has no class {', '.join(missing)} (its classes: {', '.join(own)})")
+    indices = [keys.index(class_key(c)) for c in wanted]
+    return indices, [c for i, c in enumerate(own) if i not in indices]
+
+
+def keep_classes(outputs, indices, num_classes):
+    """Outputs whose first `num_classes` columns are class logits (classify, expr_va, mtl) ->
+    only the logits at `indices`, in that order, then the other columns as they were."""
+    return torch.cat([outputs[:, indices], outputs[:, num_classes:]], 1)
+
+
+def blend_logits(first, second, weight):
+    """The LSD winners' blend (NEIGHBOURS.md): weight · first + (1 − weight) · second."""
+    return weight * first + (1 - weight) * second
+
+
+def sweep_blend(first, second, targets, task, classes, dataset, weights=None):
+    """Score every blend weight (0, 0.1, ..., 1 by default) by the dataset's selection metric.
+    Returns (best weight, its metrics, {weight: score}). Picked on the split it is scored on,
+    the best score is optimistic."""
+    weights = weights or [round(0.1 * k, 1) for k in range(11)]
+    scores, best = {}, None
+    for weight in weights:
+        metrics = hmtl.TASKS[task].metrics(blend_logits(first, second, weight), targets, classes)
+        scores[weight] = hmtl.TASKS[task].selection(metrics, dataset)
+        if best is None or scores[weight] > best[1]:
+            best = (weight, scores[weight], metrics)
+    return best[0], best[2], scores
+
+
+# HSEmotion's files are whole timm modules pickled with torch.save (they need a matching timm
+# to unpickle), their classes in alphabetical order (NEIGHBOURS.md), 10-output models adding
+# valence and arousal at the end.
+HSEMOTION_CLASSES = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness",
+                     "Surprise"]
+NATIVE_CLASSES = {"affectnet": data.AFFECTNET_CLASSES, "rafdb": data.RAFDB_CLASSES,
+                  "fer2013": data.FER2013_CLASSES, "ferplus": data.FERPLUS_CLASSES,
+                  "abaw_lsd": data.ABAW_LSD_CLASSES, "demo": data.AFFECTNET_CLASSES}
+
+
+def convert_hsemotion(path, out, dataset="affectnet", classes=None):
+    """Unpickle an HSEmotion model (with timm installed) and save it as a plain timm state_dict
+    at `out`, its classifier's rows in `dataset`'s native class order (classes it lacks are
+    dropped), with a JSON beside it (classes, arch, tf_variant, size, task). Then
+    `python train.py --init timm:OUT --tf-variant` starts from it."""
+    try:
+        import timm  # noqa: F401  (unpickling the module needs its classes)
+    except ImportError:
+        raise SystemExit("error: converting an HSEmotion file needs timm: pip install timm") from None
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} does not exist")
+    print(f"unpickling {path}: this runs code stored in the file; convert only files you trust",
+          flush=True)
+    module = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(module, torch.nn.Module) or not hasattr(module, "conv_stem"):
+        raise SystemExit(f"error: {path} is not a pickled timm EfficientNet (got {type(module).__name__})")
+    state = module.state_dict()
+    outputs = state["classifier.weight"].shape[0]
+    source = {7: [c for c in HSEMOTION_CLASSES if c != "Contempt"], 8: HSEMOTION_CLASSES,
+              10: HSEMOTION_CLASSES}.get(outputs)
+    if source is None:
+        raise SystemExit(f"error: {path} has {outputs} outputs; HSEmotion's have 7, 8 or 10")
+    wanted = NATIVE_CLASSES[dataset]
+    wanted = wanted[:classes] if classes else wanted
+    try:
+        indices, dropped = match_classes(source, wanted)
+    except ValueError as err:
+        raise SystemExit(f"error: {path}: {err}") from None
+    rows = indices + ([8, 9] if outputs == 10 else [])  # valence, arousal stay last
+    state["classifier.weight"] = state["classifier.weight"][rows].clone()
+    state["classifier.bias"] = state["classifier.bias"][rows].clone()
+    arch = {1280: "b0", 1408: "b2"}.get(state["conv_head.weight"].shape[0])
+    tf_variant = abs(module.bn1.eps - 1e-3) < 1e-9
+    note = {"source": os.path.abspath(path), "classes": wanted, "dropped": dropped, "arch": arch,
+            "tf_variant": tf_variant, "image_size": {"b0": 224, "b2": 260}.get(arch),
+            "task": "expr_va" if outputs == 10 else "classify"}
+    torch.save({k: v.contiguous() for k, v in state.items()}, out)
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump(note, f, indent=1)
+    print(f"saved {out} ({arch}, classes {', '.join(wanted)}"
+          + (f"; dropped {', '.join(dropped)}" if dropped else "") + "); train from it with: "
+          f"python train.py --init timm:{out} --arch {arch}{' --tf-variant' if tf_variant else ''} "
+          f"--image-size {note['image_size']} --task {note['task']}")
+    return note
+
+
+# ----------------------------------------------------------------------------------------------
 # Prediction on images, and export.
 
 
@@ -584,25 +691,77 @@ def extract_features(model, config, faces, split, data_root, device, path, batch
             "skipped_unreadable": len(skipped)}
 
 
+def split_outputs(model, config, faces, split, data_root, device, batch_size=128, workers=0):
+    """The model's outputs over a split, its targets, how many images were unreadable, and the
+    model's classes left out (a model scored on a dataset with a subset of its classes keeps
+    only their logits, in the dataset's order: match_classes)."""
+    loader = split_loader(config, faces, split, data_root, device, batch_size, workers)
+    outputs, targets, skipped = predict_split(model, loader, device)
+    dropped = []
+    if faces.classes and (model.classes or []) != faces.classes:
+        if not model.classes:  # a checkpoint without names: only the count can be checked
+            if model.num_classes != len(faces.classes):
+                raise SystemExit(f"error: the checkpoint predicts {model.num_classes} classes, "
+                                 f"{faces.name} has {len(faces.classes)}")
+        else:
+            try:
+                indices, dropped = match_classes(model.classes, faces.classes)
+            except ValueError as err:
+                raise SystemExit(f"error: {faces.name}: {err}") from None
+            outputs = keep_classes(outputs, indices, len(model.classes))
+    return outputs, targets, len(skipped), dropped
+
+
 def evaluate(model, config, faces, split, data_root, device, batch_size=128, workers=0,
              out_dir=None):
     """Run the dataset's protocol for `split`; returns the metrics (and writes the confusion
     PNG into `out_dir` for classification)."""
-    size = config["image_size"]
     if faces.name == "ckplus":
-        return ckplus_nonlinear(model, faces, size, device, batch_size)
-    loader = split_loader(config, faces, split, data_root, device, batch_size, workers)
-    outputs, targets, skipped = predict_split(model, loader, device)
-    if faces.classes and model.num_classes != len(faces.classes):
-        raise SystemExit(f"error: the checkpoint predicts {model.num_classes} classes, "
-                         f"{faces.name} has {len(faces.classes)}")
+        return ckplus_nonlinear(model, faces, config["image_size"], device, batch_size)
+    outputs, targets, skipped, dropped = split_outputs(model, config, faces, split, data_root,
+                                                       device, batch_size, workers)
     metrics = hmtl.TASKS[model.task].metrics(outputs, targets, faces.classes)
-    metrics["skipped_unreadable"] = len(skipped)
+    metrics["skipped_unreadable"] = skipped
+    if dropped:
+        metrics["model_classes_dropped"] = dropped
     if out_dir and "confusion" in metrics:
         os.makedirs(out_dir, exist_ok=True)
         metrics["confusion_png"] = confusion_png(metrics["confusion"], faces.classes,
                                                  os.path.join(out_dir, f"confusion-{faces.name}-{split}.png"))
     return metrics
+
+
+def blend(model, config, args, faces, split, device):
+    """eval.py --blend: both checkpoints over the split (each at its own image size), their
+    logits restricted to the dataset's classes, blended at --blend-weight or at every weight."""
+    try:
+        other, other_config = load_checkpoint(args.blend, device)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
+    if not faces.classes or other.task != model.task or model.task not in ("classify", "expr_va"):
+        raise SystemExit("error: --blend blends two classifiers (or two expr_va models) of the "
+                         "same task on a dataset with classes")
+    runs = [split_outputs(m, c, faces, split, args.data_root, device, args.batch_size, args.workers)
+            for m, c in ((model, config), (other, other_config))]
+    (first, targets, skipped, _), (second, _, skipped_other, _) = runs
+    if skipped or skipped_other:
+        raise SystemExit(f"error: {skipped + skipped_other} unreadable images: the two models' "
+                         f"outputs would not line up")
+    weights = [args.blend_weight] if args.blend_weight is not None else None
+    weight, metrics, scores = sweep_blend(first, second, targets, model.task, faces.classes,
+                                          faces.name, weights)
+    alone = {name: scores[w] for name, w in (("checkpoint_alone", 1.0), ("other_alone", 0.0))
+             if w in scores}
+    summary = {"weight": weight, "optimistic": weights is None, "scores_by_weight": scores, **alone,
+               **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    if not args.json:
+        label = ("best weight, picked on this split (optimistic)" if weights is None
+                 else "weight given")
+        print(f"blend on {faces.name} / {split}: {weight} · {args.checkpoint} + {1 - weight:.1f} · "
+              f"{args.blend} ({label})")
+        print("  score by weight: " + ", ".join(f"{w} {v:.4f}" for w, v in scores.items()))
+        print_metrics(metrics, "  the blend at that weight")
+    return summary
 
 
 def main(argv=None):
@@ -632,8 +791,19 @@ def main(argv=None):
                              "and score them; with --task")
     parser.add_argument("--task", choices=list(hmtl.TASKS), default="classify",
                         help="--heads-on-features: the task the heads learn")
+    parser.add_argument("--blend", metavar="OTHER.pt",
+                        help="with --dataset: score weight·checkpoint + (1 − weight)·OTHER logits "
+                             "over the dataset's classes; without --blend-weight, every weight "
+                             "0, 0.1, ..., 1 (the best is optimistic: picked on the split it scores)")
+    parser.add_argument("--blend-weight", type=float, help="--blend: the checkpoint's weight")
+    parser.add_argument("--convert-hsemotion", nargs=2, metavar=("HSEMOTION.pt", "OUT.pt"),
+                        help="unpickle an HSEmotion model (runs code from the file; needs timm) "
+                             "and save a plain timm state_dict for train.py --init timm:OUT.pt, "
+                             "its classes in --dataset's order (default affectnet)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.convert_hsemotion:
+        return convert_hsemotion(*args.convert_hsemotion, args.dataset or "affectnet", args.classes)
     if args.heads_on_features:
         results = heads_on_features(*args.heads_on_features, args.task)
         for name, runs in results.items():  # the number that would pick best.pt
@@ -690,6 +860,11 @@ def main(argv=None):
                 print(json.dumps(result, indent=1))
             else:
                 print(f"features: {result['features']}")
+            return result
+        if args.blend:
+            result["blend"] = blend(model, config, args, faces, split, device)
+            if args.json:
+                print(json.dumps(result, indent=1))
             return result
         out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
         metrics = evaluate(model, config, faces, split, args.data_root, device,

@@ -569,7 +569,7 @@ class HMTL(nn.Module):
                  mask_fill="zero", weights=None, label_smoothing=0.0, pose_alpha=0.001,
                  dropout=None, stochastic_depth=None, memory_efficient=False, vgg_weights=None,
                  head="linear", graph=None, node_vectors=None, mtl_weights=(1.0, 1.0, 1.0),
-                 au_pos_weight=None):
+                 au_pos_weight=None, tf_variant=False):
         super().__init__()
         for name, value, allowed in (("task", task, tuple(TASKS)), ("ssl", ssl, SSL_TASKS),
                                      ("view", view, VIEWS), ("perceptual", perceptual, PERCEPTUAL),
@@ -594,9 +594,12 @@ class HMTL(nn.Module):
         # From scratch, every residual block starts as the identity (zero_init_residual): with
         # the reference init, 3 seeds of the demo's SL run ended 0.84 / 0.84 / 0.90 and took
         # 2-3 epochs to leave chance; with it, 0.97 / 0.97 / 0.97 (BENCHMARKS.md, section 5).
+        # tf_variant: TensorFlow's EfficientNet (BN eps, SAME padding), to start from the face
+        # models of timm and HSEmotion (models.TF_VARIANT)
         self.encoder = models.efficientnet(arch, task_outputs(task, num_classes),
                                            memory_efficient=memory_efficient,
-                                           zero_init_residual=True, **regularisation)
+                                           zero_init_residual=True, **regularisation,
+                                           **(models.TF_VARIANT if tf_variant else {}))
         # The task head starts at zero: every class at 1/C (loss ln C), every regression output
         # at 0. The reference init (uniform, bound 1/sqrt(outputs)) was made for 1,000 classes;
         # for 8 it gave logits of std 2.5 on a fresh B0 and a first loss near 4.0, not ln 8 = 2.08.
@@ -706,7 +709,7 @@ def model_from_config(config, num_classes, weights=None, graph=None, node_vector
                 stochastic_depth=config["stochastic_depth"], head=config.get("head", "linear"),
                 graph=graph, node_vectors=node_vectors,
                 mtl_weights=config.get("mtl_weights", DEFAULTS["mtl_weights"]),
-                au_pos_weight=au_pos_weight)
+                au_pos_weight=au_pos_weight, tf_variant=config.get("tf_variant", False))
 
 
 def export(model):
@@ -734,6 +737,7 @@ DEFAULTS = dict(
     optimizer="adamw", augment="weak", imbalance="weights", train_fraction=1.0,
     label_smoothing=0.0, pose_alpha=0.001, dropout=None, stochastic_depth=None,
     head="linear", node_vectors=None, gcn_lr_scale=0.01, mtl_weights=[1.0, 1.0, 1.0],
+    tf_variant=False,
 )
 # mtl_weights: the weights of the MTL loss's terms, in MTL_TERMS order (va, expression, au).
 # gcn_lr_scale: the GCN head's weights are a product, W = A·LeakyReLU(A·E·W1)·W2. Adam moves

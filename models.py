@@ -49,6 +49,11 @@ VARIANTS = {
 
 STOCHASTIC_DEPTH = 0.2  # drop probability reached by the last block, rising linearly from 0
 
+# The TensorFlow EfficientNets (timm's `tf_efficientnet_*`, and so every HSEmotion model) differ
+# from torchvision's in two ways that change the outputs for the same weights: BatchNorm eps
+# 1e-3, and "SAME" padding on the five stride-2 convs. `efficientnet(arch, **TF_VARIANT)`.
+TF_VARIANT = dict(bn_eps=1e-3, same_padding=True)
+
 
 # ----------------------------------------------------------------------------------------------
 # The two scaling rules.
@@ -102,16 +107,33 @@ class BatchNormSiLU(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
+class Conv2dSame(nn.Conv2d):
+    """A strided conv with TensorFlow's "SAME" padding, for the `tf_` EfficientNets: the output
+    is ceil(input / stride) and the padding that takes goes half before, the rest after. On an
+    even input a 3×3 stride-2 conv pads 0 before and 1 after, where PyTorch pads 1 and 1: the
+    same weights would see every feature shifted by a pixel."""
+
+    def forward(self, x):
+        pads = []
+        for size, kernel, stride in ((x.shape[-1], self.kernel_size[1], self.stride[1]),
+                                     (x.shape[-2], self.kernel_size[0], self.stride[0])):
+            total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+            pads += [total // 2, total - total // 2]  # F.pad: width's (before, after), then height's
+        return super().forward(F.pad(x, pads))
+
+
 class ConvBNAct(nn.Sequential):
     """Conv (no bias) -> BatchNorm -> SiLU (or no activation). Children "0", "1", as in
-    torchvision's Conv2dNormActivation."""
+    torchvision's Conv2dNormActivation. `bn_eps` and `same_padding` (for strided convs) are
+    the two differences of TensorFlow's EfficientNets (TF_VARIANT)."""
 
     def __init__(self, in_ch, out_ch, kernel, stride=1, groups=1, activation=True,
-                 memory_efficient=False):
-        layers = [
-            nn.Conv2d(in_ch, out_ch, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(out_ch),
-        ]
+                 memory_efficient=False, bn_eps=1e-5, same_padding=False):
+        if same_padding and stride > 1:
+            conv = Conv2dSame(in_ch, out_ch, kernel, stride, 0, groups=groups, bias=False)
+        else:
+            conv = nn.Conv2d(in_ch, out_ch, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False)
+        layers = [conv, nn.BatchNorm2d(out_ch, eps=bn_eps)]
         if activation:
             layers.append(nn.SiLU(inplace=True))
         super().__init__(*layers)
@@ -154,17 +176,19 @@ class MBConv(nn.Module):
     (no activation), plus the identity shortcut when shapes allow. The SE bottleneck is sized
     from the block's *input* channels (a quarter of them), as in the reference."""
 
-    def __init__(self, in_ch, out_ch, expand, kernel, stride, drop_prob, memory_efficient=False):
+    def __init__(self, in_ch, out_ch, expand, kernel, stride, drop_prob, memory_efficient=False,
+                 bn_eps=1e-5, same_padding=False):
         super().__init__()
         hidden = scale_width(in_ch, expand)
         layers = []
         if hidden != in_ch:
-            layers.append(ConvBNAct(in_ch, hidden, 1, memory_efficient=memory_efficient))
+            layers.append(ConvBNAct(in_ch, hidden, 1, memory_efficient=memory_efficient,
+                                    bn_eps=bn_eps))
         layers += [
             ConvBNAct(hidden, hidden, kernel, stride, groups=hidden,
-                      memory_efficient=memory_efficient),
+                      memory_efficient=memory_efficient, bn_eps=bn_eps, same_padding=same_padding),
             SqueezeExcite(hidden, max(1, in_ch // 4)),
-            ConvBNAct(hidden, out_ch, 1, activation=False),
+            ConvBNAct(hidden, out_ch, 1, activation=False, bn_eps=bn_eps),
         ]
         self.block = nn.Sequential(*layers)
         self.use_shortcut = stride == 1 and in_ch == out_ch
@@ -189,13 +213,15 @@ class EfficientNet(nn.Module):
     dropout -> linear classifier."""
 
     def __init__(self, width, depth, dropout, num_classes=1000, stochastic_depth=STOCHASTIC_DEPTH,
-                 memory_efficient=False, resolution=None, zero_init_residual=False):
+                 memory_efficient=False, resolution=None, zero_init_residual=False, bn_eps=1e-5,
+                 same_padding=False):
         super().__init__()
         stages = [(e, k, s, scale_width(i, width), scale_width(o, width), scale_depth(n, depth))
                   for e, k, s, i, o, n in B0_STAGES]
         total_blocks = sum(n for *_, n in stages)
+        tf = dict(bn_eps=bn_eps, same_padding=same_padding)
 
-        layers = [ConvBNAct(3, stages[0][3], 3, stride=2, memory_efficient=memory_efficient)]
+        layers = [ConvBNAct(3, stages[0][3], 3, stride=2, memory_efficient=memory_efficient, **tf)]
         block_index = 0
         for expand, kernel, stride, in_ch, out_ch, repeats in stages:
             blocks = []
@@ -203,12 +229,12 @@ class EfficientNet(nn.Module):
                 # Only the stage's first block changes stride and width.
                 drop_prob = stochastic_depth * block_index / total_blocks
                 blocks.append(MBConv(in_ch if r == 0 else out_ch, out_ch, expand, kernel,
-                                     stride if r == 0 else 1, drop_prob, memory_efficient))
+                                     stride if r == 0 else 1, drop_prob, memory_efficient, **tf))
                 block_index += 1
             layers.append(nn.Sequential(*blocks))
         self.num_features = 4 * stages[-1][4]
         layers.append(ConvBNAct(stages[-1][4], self.num_features, 1,
-                                memory_efficient=memory_efficient))
+                                memory_efficient=memory_efficient, bn_eps=bn_eps))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout, inplace=True),
@@ -317,4 +343,80 @@ def load_imagenet_weights(model, arch, path=None):
                            f"{len(missing)} keys missing, {len(wrong)} unexpected or of another "
                            f"shape (first: {(missing + wrong)[0]})")
     model.load_state_dict(state, strict=False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Face-pretrained weights from timm (HSEmotion's EfficientNets are timm models). timm's and
+# torchvision's EfficientNets have the same layers under other names; the map below renames
+# them. In the first stage (no expansion) a block is depthwise -> SE -> pointwise; in the
+# others, expand -> depthwise -> SE -> project.
+
+TIMM_FIRST_STAGE = {"conv_dw": "0.0", "bn1": "0.1", "se.conv_reduce": "1.fc1",
+                    "se.conv_expand": "1.fc2", "conv_pw": "2.0", "bn2": "2.1"}
+TIMM_BLOCK = {"conv_pw": "0.0", "bn1": "0.1", "conv_dw": "1.0", "bn2": "1.1",
+              "se.conv_reduce": "2.fc1", "se.conv_expand": "2.fc2", "conv_pwl": "3.0", "bn3": "3.1"}
+TIMM_TOP = {"conv_stem": "features.0.0", "bn1": "features.0.1", "conv_head": "features.8.0",
+            "bn2": "features.8.1", "classifier": "classifier.1"}
+
+
+def timm_key(key):
+    """A timm EfficientNet state_dict key -> torchvision's (this file's), or None if unknown."""
+    module, _, tensor = key.rpartition(".")
+    if module in TIMM_TOP:
+        return f"{TIMM_TOP[module]}.{tensor}"
+    parts = module.split(".")
+    if parts[0] != "blocks" or len(parts) < 4 or not (parts[1].isdigit() and parts[2].isdigit()):
+        return None
+    stage, block, layer = int(parts[1]), int(parts[2]), ".".join(parts[3:])
+    renamed = (TIMM_FIRST_STAGE if stage == 0 else TIMM_BLOCK).get(layer)
+    return f"features.{stage + 1}.{block}.block.{renamed}.{tensor}" if renamed else None
+
+
+def read_state_dict(path):
+    """Tensors of a state_dict file: a torch.save'd dict (read with weights_only=True, so no
+    code runs) or a .safetensors file (timm's Hugging Face format; needs safetensors)."""
+    if not os.path.exists(path):
+        raise RuntimeError(f"weights file {path} does not exist")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise RuntimeError(".safetensors weights need the safetensors package: "
+                               "pip install safetensors") from None
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickled whole module, or not a torch file at all
+        raise RuntimeError(f"{path} is not a plain state_dict ({err.__class__.__name__}); an "
+                           f"HSEmotion file is a pickled module: convert it first with "
+                           f"python eval.py --convert-hsemotion") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def load_timm_weights(model, state):
+    """Load a timm `efficientnet_b0/b2` or `tf_efficientnet_b0/b2*` state_dict (a dict or a
+    file path) into `model`, through the key map. The classifier is kept if its shape matches,
+    else left as it is (the task's head). A `tf_` state_dict needs a model built with
+    TF_VARIANT: the weights would load either way, the features would not be the same."""
+    if isinstance(state, (str, os.PathLike)):
+        state = read_state_dict(os.fspath(state))
+    own = model.state_dict()
+    mapped, unknown = {}, []
+    for key, value in state.items():
+        renamed = timm_key(key)
+        (unknown.append(key) if renamed is None or renamed not in own else None)
+        if renamed in own:
+            mapped[renamed] = value
+    if mapped.get("classifier.1.weight", torch.empty(0)).shape != own["classifier.1.weight"].shape:
+        mapped.pop("classifier.1.weight", None)
+        mapped.pop("classifier.1.bias", None)
+    missing = [k for k in own if k not in mapped and not k.startswith("classifier.")]
+    wrong = [k for k in mapped if mapped[k].shape != own[k].shape]
+    if unknown or missing or wrong:
+        first = (unknown + missing + wrong)[0]
+        raise RuntimeError(f"not a timm EfficientNet state_dict of this size: {len(unknown)} keys "
+                           f"unknown, {len(missing)} missing, {len(wrong)} of another shape "
+                           f"(first: {first})")
+    model.load_state_dict(mapped, strict=False)
     return model

@@ -2187,17 +2187,36 @@ def test_distributed_data_parallel_on_cpu_with_gloo(tiny_demo, tmp_path):
     assert state["step"] == 2  # 32 samples / 2 processes / batch 8
 
 
-def random_deployable(task, classes=None, size=32, arch="b0"):
-    """An HMTL model with every weight and BN statistic random (a fresh one's task head is
-    zero, which would make any comparison of outputs trivial), as load_checkpoint returns it."""
-    torch.manual_seed(0)
-    model = hmtl.model_from_config({**hmtl.DEFAULTS, "task": task, "arch": arch},
-                                   len(classes) if classes else None).eval()
+def randomised(module, size=64):
+    """`module` in eval mode as if trained: every BatchNorm's affine and every linear layer
+    random, the convolutions as initialised, and the BN statistics measured on random images
+    (a fresh HMTL's task head and residual BNs are zero, which would make comparisons of
+    outputs trivial; and with statistics that do not fit the activations, every image gives
+    the same output)."""
     with torch.no_grad():
-        for name, value in model.state_dict().items():
-            if value.is_floating_point():
-                value.copy_(torch.rand_like(value) + 0.5 if "running_var" in name
-                            else torch.randn_like(value) * 0.1)
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
+                m.reset_running_stats()
+                m.momentum = None  # a plain average over the calibration batches
+            elif isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0, m.in_features ** -0.5), m.bias.normal_(0, 0.1)
+        module.train()
+        for _ in range(2):
+            module(torch.randn(8, 3, size, size))
+        module.eval()
+        scale = module(torch.randn(8, 3, size, size)).std()
+        for m in module.modules():  # the outputs at std ~1, as a trained classifier's logits
+            if isinstance(m, torch.nn.Linear):
+                m.weight.div_(scale), m.bias.div_(scale)
+    return module
+
+
+def random_deployable(task, classes=None, size=32, arch="b0"):
+    """An HMTL model with random weights (randomised), as load_checkpoint returns it."""
+    torch.manual_seed(0)
+    model = randomised(hmtl.model_from_config({**hmtl.DEFAULTS, "task": task, "arch": arch},
+                                              len(classes) if classes else None))
     model.classes, model.image_size = classes, size
     return model
 
@@ -2353,6 +2372,124 @@ def test_eval_cli_exports_both_files(tiny_demo, tmp_path):
                                    model(data.normalize(images * 255)), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["efficientnet_b0", "tf_efficientnet_b0", "tf_efficientnet_b2"])
+def test_timm_weights_load_exactly_through_the_key_map(name):
+    import timm
+    torch.manual_seed(0)
+    reference = randomised(timm.create_model(name, pretrained=False, num_classes=8))
+    tf = name.startswith("tf_")
+    ours = models.efficientnet(name.split("_")[-1], 8, **(models.TF_VARIANT if tf else {})).eval()
+    models.load_timm_weights(ours, reference.state_dict())
+    # compared in float64: the map is exact (differences ~1e-14), while float32 sums in another
+    # order (SE as a matrix product, say) drift by ~1e-5 relative through 16 blocks
+    reference, ours = reference.double(), ours.double()
+    for size in (64, 67):  # SAME padding differs on even and odd sizes
+        images = torch.randn(2, 3, size, size, dtype=torch.float64)
+        with torch.no_grad():
+            expected = reference(images)
+            torch.testing.assert_close(ours(images), expected, atol=1e-5, rtol=0)
+        assert (expected[0] - expected[1]).abs().max() > 0.1  # the outputs depend on the input
+    if tf:  # without the two options the weights load, and the outputs are not the same
+        plain = models.load_timm_weights(models.efficientnet(name.split("_")[-1], 8).double().eval(),
+                                         reference.state_dict())
+        with torch.no_grad():
+            assert (plain(images) - reference(images)).abs().max() > 1e-3
+    with pytest.raises(RuntimeError, match="not a timm EfficientNet state_dict of this size"):
+        models.load_timm_weights(models.efficientnet("b2" if name.endswith("b0") else "b0", 8),
+                                 reference.state_dict())
+
+
+def test_hsemotion_files_convert_to_native_class_order_and_start_training(tmp_path, capsys):
+    import timm
+    torch.manual_seed(0)
+    hsemotion = randomised(timm.create_model("tf_efficientnet_b0", pretrained=False, num_classes=8))
+    pickled = tmp_path / "enet_b0_8_best_afew.pt"
+    torch.save(hsemotion, pickled)  # as HSEmotion ships them: the whole module
+    converted = str(tmp_path / "tf_b0_affectnet.pt")
+    note = evaluation.main(["--convert-hsemotion", str(pickled), converted])
+    printed = capsys.readouterr().out
+    assert "this runs code stored in the file" in printed and "--tf-variant" in printed
+    assert note["classes"] == data.AFFECTNET_CLASSES and note["tf_variant"] and note["arch"] == "b0"
+    ours = models.efficientnet("b0", 8, **models.TF_VARIANT).eval()
+    models.load_timm_weights(ours, converted)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference, native = hsemotion(images), ours(images)
+    assert (reference[0] - reference[1]).abs().max() > 0.1  # the outputs depend on the input
+    for i, name in enumerate(data.AFFECTNET_CLASSES):  # Happy is HSEmotion's Happiness, etc.
+        j = evaluation.match_classes(evaluation.HSEMOTION_CLASSES, [name])[0][0]
+        torch.testing.assert_close(native[:, i], reference[:, j], atol=1e-5, rtol=0)
+    six = evaluation.main(["--convert-hsemotion", str(pickled), str(tmp_path / "tf_lsd.pt"),
+                           "--dataset", "abaw_lsd"])
+    assert six["classes"] == data.ABAW_LSD_CLASSES and six["dropped"] == ["Contempt", "Neutral"]
+    # train.py starts from it: the encoder (and the 8-class head) exactly the converted weights
+    config = {**hmtl.DEFAULTS, "init": f"timm:{converted}", "tf_variant": True}
+    model = hmtl.model_from_config(config, 8)
+    train.init_weights(model, config)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder.eval()(images), native, atol=1e-5, rtol=0)
+    with pytest.raises(SystemExit, match="needs --tf-variant"):
+        train.init_weights(hmtl.model_from_config({**config, "tf_variant": False}, 8),
+                           {**config, "tf_variant": False})
+    with pytest.raises(RuntimeError, match="is not a plain state_dict.*--convert-hsemotion"):
+        models.load_timm_weights(ours, str(pickled))  # never unpickled outside the conversion
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "linear.pt")
+    with pytest.raises(SystemExit, match="is not a pickled timm EfficientNet"):
+        evaluation.main(["--convert-hsemotion", str(tmp_path / "linear.pt"), str(tmp_path / "x.pt")])
+
+
+def test_class_matching_blending_and_the_weight_sweep_known_answers():
+    indices, dropped = evaluation.match_classes(data.AFFECTNET_CLASSES, data.RAFDB_CLASSES)
+    # RAF-DB: Surprise, Fear, Disgust, Happiness, Sadness, Anger, Neutral
+    assert indices == [3, 4, 5, 1, 2, 6, 0] and dropped == ["Contempt"]
+    assert evaluation.match_classes(data.AFFECTNET_CLASSES, ["ANGRER", "surprised"])[0] == [6, 3]
+    with pytest.raises(ValueError, match="the model has no class Other"):
+        evaluation.match_classes(data.AFFECTNET_CLASSES, data.AFFWILD2_MTL_CLASSES)
+    outputs = torch.tensor([[0., 1., 2., 3., 9.], [4., 5., 6., 7., 8.]])  # 4 logits, then VA... 
+    assert evaluation.keep_classes(outputs, [2, 0], 4).tolist() == [[2., 0., 9.], [6., 4., 8.]]
+    first = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    second = torch.tensor([[0.0, 4.0], [0.0, 4.0], [0.0, 4.0]])
+    assert evaluation.blend_logits(first, second, 0.75).tolist() == [[1.5, 1.0], [1.5, 1.0], [0.0, 1.75]]
+    targets = {"target": torch.tensor([0, 0, 1])}
+    weight, metrics, scores = evaluation.sweep_blend(first, second, targets, "classify",
+                                                     ["a", "b"], "rafdb", [0.0, 0.5, 0.75, 1.0])
+    # w 0: all b (1/3); 0.5: row 1 is 1 vs 2 -> b (1/3); 0.75: 1.5 vs 1 -> a, a, b (3/3); 1: a, a, b
+    assert scores == pytest.approx({0.0: 1 / 3, 0.5: 1 / 3, 0.75: 1.0, 1.0: 1.0})
+    assert weight == 0.75 and metrics["accuracy"] == 1.0  # the first best weight
+
+
+def test_a_model_scores_a_subset_label_set_and_blends_two_checkpoints(tiny_demo, tmp_path, capsys):
+    run_train(tiny_demo, tmp_path / "a", "--max-steps", "2", "--no-eval")
+    run_train(tiny_demo, tmp_path / "b", "--max-steps", "2", "--no-eval", "--seed", "1")
+    root = tmp_path / "LSD"  # 6 classes, named otherwise than the demo's AffectNet-8
+    for split, folder in data.ABAW_LSD_SPLITS.items():
+        for k, name in enumerate(data.ABAW_LSD_FOLDERS):
+            for i in range(2):
+                write_image(root / folder / name / f"{i:05d}.jpg", (32, 32), (40 * k, 20 * i, 90))
+    a, b = str(tmp_path / "a" / "best.pt"), str(tmp_path / "b" / "best.pt")
+    metrics = evaluation.main(["--checkpoint", a, "--dataset", "abaw_lsd", "--data-root",
+                               str(root), "--json", "--workers", "0"])["metrics"]
+    assert metrics["samples"] == 12 and metrics["model_classes_dropped"] == ["Neutral", "Contempt"]
+    assert list(metrics["per_class_recall"]) == data.ABAW_LSD_CLASSES and "seven_class" not in metrics
+    # by hand: the model's own outputs, the six logits kept in the dataset's order
+    model, config = evaluation.load_checkpoint(a)
+    faces = data.load("abaw_lsd", str(root))
+    loader = evaluation.split_loader(config, faces, "val", str(root), torch.device("cpu"), 64, 0)
+    outputs, targets, _ = evaluation.predict_split(model, loader, torch.device("cpu"))
+    kept = outputs[:, [6, 5, 4, 1, 2, 3]]  # Anger, Disgust, Fear, Happy, Sad, Surprise
+    assert metrics["accuracy"] == pytest.approx(float((kept.argmax(1) == targets["target"]).float().mean()))
+    capsys.readouterr()
+    blend = evaluation.main(["--checkpoint", a, "--dataset", "abaw_lsd", "--data-root", str(root),
+                             "--blend", b, "--workers", "0"])["blend"]
+    printed = capsys.readouterr().out
+    assert "(optimistic)" in printed and len(blend["scores_by_weight"]) == 11
+    assert blend["checkpoint_alone"] == pytest.approx(metrics["macro_f1"])  # weight 1: a alone
+    assert blend["scores_by_weight"][blend["weight"]] == max(blend["scores_by_weight"].values())
+    fixed = evaluation.main(["--checkpoint", a, "--dataset", "abaw_lsd", "--data-root", str(root),
+                             "--blend", b, "--blend-weight", "0.3", "--workers", "0", "--json"])
+    assert fixed["blend"]["weight"] == 0.3 and not fixed["blend"]["optimistic"]
+
+
 def test_ckplus_nonlinear_evaluation(ckplus_root, tiny_demo, tmp_path):
     run_train(tiny_demo, tmp_path / "run", "--max-steps", "1", "--no-eval")
     best = str(tmp_path / "run" / "best.pt")
@@ -2390,7 +2527,7 @@ def test_ckplus48_and_ferplus_train_and_evaluate_with_their_protocols(tiny_demo,
 # bench.py: the benchmark runs and reports what it promises (its numbers are not tested here).
 
 def test_bench_reports_every_contender():
-    rows = bench.main(["models", "hmtl", "data", "fingerprint", "reader", "--arch", "b0",
+    rows = bench.main(["models", "hmtl", "data", "fingerprint", "reader", "predict", "--arch", "b0",
                        "--size", "32", "--batch", "2", "--steps", "1", "--rounds", "1",
                        "--data-size", "32", "--data-images", "4", "--fingerprint-images", "20",
                        "--reader-rows", "1000", "--json"])
@@ -2415,6 +2552,9 @@ def test_bench_reports_every_contender():
     assert [r["model"] for r in reader] == ["csv + float() only, 1188 rows",
                                             "data.load('affwild2_mtl'), 1188 rows"]
     assert reader[0]["ratio_vs_parse"] == 1.0 and reader[1]["seconds"] > 0
+    predict = [r for r in rows if r["part"] == "predict"]
+    assert [r["model"] for r in predict] == ["bare model forward", "eval.predict"]
+    assert predict[0]["ratio_vs_forward"] == 1.0 and predict[1]["images_per_s"] > 0
 
 
 # ----------------------------------------------------------------------------------------------

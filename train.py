@@ -56,7 +56,12 @@ def parse_args(argv=None):
                    help="linear (the encoder's classifier) or gcn (Emotion-GCN; --task expr_va)")
     g.add_argument("--ssl", choices=hmtl.SSL_TASKS, help="the pretext task")
     g.add_argument("--arch", choices=sorted(models.VARIANTS))
-    g.add_argument("--init", help="scratch, imagenet, or a checkpoint path (e.g. SSL-pretrained)")
+    g.add_argument("--init", help="scratch, imagenet, a checkpoint path (e.g. SSL-pretrained), or "
+                                  "timm:PATH (a timm EfficientNet state_dict, e.g. converted from "
+                                  "HSEmotion by eval.py --convert-hsemotion)")
+    g.add_argument("--tf-variant", action="store_true", default=None,
+                   help="TensorFlow's EfficientNet (BN eps 1e-3, SAME padding on stride-2 convs): "
+                        "what timm's tf_efficientnet_* and HSEmotion's weights need")
     g.add_argument("--pretrain", action="store_true",
                    help="pretext-only pre-training (no labels): task weight 0")
     g = p.add_argument_group("method")
@@ -215,8 +220,22 @@ def init_weights(model, config):
     if init == "imagenet":
         models.load_imagenet_weights(model.encoder, config["arch"])
         return
+    if init.startswith("timm:"):
+        path = init[len("timm:"):]
+        # a tf_ file in a torchvision-style model would load, with every feature shifted
+        tf_file = "tf_" in os.path.basename(path) or read_conversion_note(path).get("tf_variant")
+        if bool(tf_file) != bool(config["tf_variant"]):
+            raise SystemExit(f"error: --init {init}: " + (
+                "a tf_ (TensorFlow) EfficientNet needs --tf-variant" if tf_file else
+                "--tf-variant is for tf_ (TensorFlow) EfficientNets; this file's name says it is not one"))
+        try:
+            models.load_timm_weights(model.encoder, path)
+        except RuntimeError as err:
+            raise SystemExit(f"error: --init {init}: {err}") from None
+        return
     if not os.path.exists(init):
-        raise SystemExit(f"error: --init {init}: not scratch, imagenet or an existing checkpoint")
+        raise SystemExit(f"error: --init {init}: not scratch, imagenet, timm:PATH or an existing "
+                         f"checkpoint")
     state = torch.load(init, map_location="cpu", weights_only=True)
     encoder = {k[len("encoder."):]: v for k, v in state.get("model", {}).items()
                if k.startswith("encoder.")}
@@ -228,6 +247,15 @@ def init_weights(model, config):
         raise SystemExit(f"error: --init {init} is not an EfficientNet-{config['arch'].upper()} "
                          f"HMTL checkpoint ({len(missing)} keys missing, {len(wrong)} mismatched)")
     model.encoder.load_state_dict({k: v for k, v in encoder.items() if k not in head}, strict=False)
+
+
+def read_conversion_note(path):
+    """The JSON that eval.py --convert-hsemotion writes beside its state_dict ({} if none)."""
+    note = os.path.splitext(path)[0] + ".json"
+    if not os.path.exists(note):
+        return {}
+    with open(note) as f:
+        return json.load(f)
 
 
 class JointLoss(torch.nn.Module):
