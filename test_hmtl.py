@@ -2438,6 +2438,25 @@ def test_hsemotion_files_convert_to_native_class_order_and_start_training(tmp_pa
         evaluation.main(["--convert-hsemotion", str(tmp_path / "linear.pt"), str(tmp_path / "x.pt")])
 
 
+def test_missing_extras_are_named_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    (tmp_path / "h.pt").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(RuntimeError, match="need the safetensors package: pip install safetensors"):
+        models.read_state_dict(str(tmp_path / "w.safetensors"))
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(SystemExit, match="needs timm: pip install timm"):
+        evaluation.main(["--convert-hsemotion", str(tmp_path / "h.pt"), str(tmp_path / "o.pt")])
+
+
+def test_onnx_export_without_onnx_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(SystemExit, match="needs the onnx package: pip install onnx onnxscript"):
+        evaluation.export_onnx(random_deployable("classify", data.AFFECTNET_CLASSES),
+                               str(tmp_path / "m.onnx"))
+
+
 def test_class_matching_blending_and_the_weight_sweep_known_answers():
     indices, dropped = evaluation.match_classes(data.AFFECTNET_CLASSES, data.RAFDB_CLASSES)
     # RAF-DB: Surprise, Fear, Disgust, Happiness, Sadness, Anger, Neutral
