@@ -1825,16 +1825,17 @@ AUGMENT_LEVELS = {
 }
 
 # 68-point flip: the index that lands on each position when the face is mirrored.
-FLIP_LANDMARKS = (list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30] +
-                  [35, 34, 33, 32, 31] + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40] +
-                  [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + [64, 63, 62, 61, 60, 67, 66, 65])
+FLIP_LANDMARKS = tuple(list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30] +
+                       [35, 34, 33, 32, 31] + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40] +
+                       [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] +
+                       [64, 63, 62, 61, 60, 67, 66, 65])
 
 
 def normalize(images):
     """uint8 or [0, 255] float images -> ImageNet-normalised float (what the encoder expects,
     and what ImageNet initialisation needs)."""
-    mean = torch.tensor(models.IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(models.IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean = ssl_tasks.device_constant(models.IMAGENET_MEAN, images.device).view(1, 3, 1, 1) * 255
+    std = ssl_tasks.device_constant(models.IMAGENET_STD, images.device).view(1, 3, 1, 1) * 255
     return (images.float() - mean) / std
 
 
@@ -1910,7 +1911,7 @@ def photometric(x, level, generator=None):
     if p["gray"]:
         x = torch.where(chosen(p["gray"]), grayscale(x).expand_as(x), x)
     if p["blur"]:  # 5x5 binomial kernel
-        kernel = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], device=device)
+        kernel = ssl_tasks.device_constant((1.0, 4.0, 6.0, 4.0, 1.0), device)
         kernel = (kernel[:, None] * kernel[None, :] / 256).expand(3, 1, 5, 5)
         blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel, groups=3)
         x = torch.where(chosen(p["blur"]), blurred, x)
@@ -1930,14 +1931,14 @@ def photometric(x, level, generator=None):
         xs = torch.arange(w, device=device).view(1, 1, w) / w
         box = ((ys >= corner[:, 1, None, None]) & (ys < corner[:, 1, None, None] + side) &
                (xs >= corner[:, 0, None, None]) & (xs < corner[:, 0, None, None] + side))
-        mean = torch.tensor(models.IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        mean = ssl_tasks.device_constant(models.IMAGENET_MEAN, device).view(1, 3, 1, 1) * 255
         x = torch.where(box[:, None] & chosen(p["cutout"]), mean, x)
     return x
 
 
 def grayscale(images):
     """ITU-R 601 luma, (N, 1, H, W)."""
-    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
+    weights = ssl_tasks.device_constant((0.299, 0.587, 0.114), images.device).view(1, 3, 1, 1)
     return (images * weights).sum(1, keepdim=True)
 
 
@@ -1945,12 +1946,17 @@ def move_landmarks(landmarks, theta, mirrored, width, height):
     """Map landmarks (N, 68, 2) in input pixels through the inverse of the sampling map theta
     (which takes output coordinates to input coordinates), then re-index mirrored faces so
     that point i is again the subject's point i."""
-    size = torch.tensor([width, height], device=landmarks.device, dtype=landmarks.dtype)
+    size = ssl_tasks.device_constant((width, height), landmarks.device, landmarks.dtype)
     normalised = landmarks / size * 2 - 1
-    a, t = theta[:, :, :2], theta[:, :, 2]
-    out = torch.linalg.solve(a, (normalised - t[:, None]).transpose(1, 2)).transpose(1, 2)
+    (a, b), (c, d) = theta[:, 0, :2].unbind(1), theta[:, 1, :2].unbind(1)
+    x, y = (normalised - theta[:, None, :, 2]).unbind(2)
+    # the 2x2 inverse in closed form (a rotation and a zoom: never singular), not
+    # torch.linalg.solve, whose error check makes the host wait for the device
+    det = (a * d - b * c)[:, None]
+    out = torch.stack([(d[:, None] * x - b[:, None] * y) / det,
+                       (a[:, None] * y - c[:, None] * x) / det], 2)
     out = (out + 1) / 2 * size
-    flipped = out[:, list(FLIP_LANDMARKS)]
+    flipped = out[:, ssl_tasks.device_constant(FLIP_LANDMARKS, out.device, torch.long)]
     return torch.where(mirrored.view(-1, 1, 1), flipped, out)
 
 

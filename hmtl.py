@@ -56,16 +56,28 @@ def ccc(pred, target):
                              + (pred_mean - target_mean) ** 2 + 1e-8)
 
 
+def masked_ccc(pred, target, valid):
+    """ccc() over the samples where `valid` (N,) is true, as weights: no data-dependent shape,
+    so nothing waits for the device to know how many there are."""
+    weight = valid.float()
+    count = weight.sum().clamp(min=1)
+    target = torch.where(valid, target, torch.zeros_like(target))  # sentinels out of the sums
+    pred_mean, target_mean = (pred * weight).sum() / count, (target * weight).sum() / count
+    pred_dev, target_dev = (pred - pred_mean) * weight, (target - target_mean) * weight
+    covariance = (pred_dev * target_dev).sum() / count
+    return 2 * covariance / ((pred_dev ** 2).sum() / count + (target_dev ** 2).sum() / count
+                             + (pred_mean - target_mean) ** 2 + 1e-8)
+
+
 def va_loss(pred, target):
     """(1 - CCC(valence)) + (1 - CCC(arousal)). Targets outside [-1, 1] are "not available"
     sentinels (AffectNet writes -2, Aff-Wild2 -5) and take no part. A dimension with fewer than
     2 valid samples contributes 0 (the CCC of one sample is undefined)."""
-    pred = pred.float()
-    loss = pred.sum() * 0.0  # keeps the graph (and the device) when every target is a sentinel
+    pred, loss = pred.float(), 0.0
     for dim in range(2):
         valid = target[:, dim].abs() <= 1
-        if valid.sum() >= 2:
-            loss = loss + 1 - ccc(pred[valid, dim], target[valid, dim])
+        term = 1 - masked_ccc(pred[:, dim], target[:, dim].float(), valid)
+        loss = loss + torch.where(valid.sum() >= 2, term, torch.zeros_like(term))
     return loss
 
 

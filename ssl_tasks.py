@@ -18,6 +18,23 @@ import torch.nn.functional as F
 from torch import nn
 
 # ----------------------------------------------------------------------------------------------
+# Constants on the device. torch.tensor(python_values, device="cuda") copies from the host and
+# waits for the copy, at every call; so does indexing with a Python list. A training step
+# makes none: each constant is made once per device and kept.
+
+_DEVICE_CONSTANTS = {}
+
+
+def device_constant(values, device, dtype=torch.float32):
+    """torch.tensor(values, dtype, device), made once per (values, device, dtype). `values` is
+    a tuple (nested tuples for more dimensions). Treat the result as read-only."""
+    key = (values, torch.device(device), dtype)
+    if key not in _DEVICE_CONSTANTS:
+        _DEVICE_CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _DEVICE_CONSTANTS[key]
+
+
+# ----------------------------------------------------------------------------------------------
 # Puzzling (the official HMTL code): cut the image into a grid, shuffle the tiles with a
 # uniformly random permutation per sample, and ask the network where each tile came from.
 
@@ -165,10 +182,10 @@ def region_boxes(batch_size, height, width, landmarks=None, has_landmarks=None, 
     if isinstance(layout, dict):
         layout = [layout[r] for r in REGIONS]
     canonical = torch.as_tensor(layout, dtype=torch.float32, device=device)
-    canonical = canonical * torch.tensor([width, height, width, height], device=device)
+    canonical = canonical * device_constant((width, height, width, height), device)
     boxes = canonical.expand(batch_size, -1, -1)
     if jitter > 0:
-        size = torch.tensor([width, height], device=device)
+        size = device_constant((width, height), device)
         noise = torch.rand(batch_size, len(REGIONS), 4, generator=generator,
                            device=generator.device if generator is not None else device)
         noise = (noise.to(device) * 2 - 1) * jitter
@@ -179,14 +196,15 @@ def region_boxes(batch_size, height, width, landmarks=None, has_landmarks=None, 
         if has_landmarks is None:
             has_landmarks = torch.ones(batch_size, dtype=torch.bool)
         landmarks = landmarks.to(device=device, dtype=torch.float32)
-        groups = [landmarks[:, list(LANDMARK_GROUPS[r])] for r in REGIONS]
+        groups = [landmarks[:, device_constant(tuple(LANDMARK_GROUPS[r]), device, torch.long)]
+                  for r in REGIONS]
         low = torch.stack([g.amin(1) for g in groups], 1)
         high = torch.stack([g.amax(1) for g in groups], 1)
         pad = ((high - low) * margin).clamp(min=2.0)
         from_landmarks = torch.cat([low - pad, high + pad], -1)
         use = has_landmarks.to(device).view(-1, 1, 1)
         boxes = torch.where(use, from_landmarks, boxes)
-    limit = torch.tensor([width, height, width, height], device=device, dtype=boxes.dtype)
+    limit = device_constant((width, height, width, height), device, boxes.dtype)
     return torch.minimum(boxes.clamp(min=0), limit)
 
 

@@ -4,12 +4,14 @@ torchvision is imported here (and in bench.py) only as the reference the hand-wr
 EfficientNet is proven against.
 """
 
+import itertools
 import json
 import math
 import os
 import shutil
 import signal
 import sys
+import types
 import urllib.error
 import warnings
 from collections import Counter
@@ -1805,10 +1807,11 @@ def test_run_writes_checkpoints_config_metrics_and_evaluates(tiny_demo, tmp_path
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_paths_run_on_the_cpu(tiny_demo, tmp_path, amp, capsys):
-    """The CUDA AMP code paths (bf16 autocast; fp16 with a gradient scaler) on the CPU. The
-    schedule advances only on steps that updated the weights: with fp16, the scaler skips the
-    first steps (the scale starts at 2^16 and halves on each overflow), and torch's warning
-    "lr_scheduler.step() before optimizer.step()" never appears."""
+    """The CUDA AMP code paths (bf16 autocast; fp16 with a gradient scaler) on the CPU. With
+    fp16 the scaler skips the first steps (the scale starts at 2^16 and halves on each
+    overflow), on the device: the fused optimizer's own step count leaves them out. The schedule
+    advances on every step (which steps were skipped is known only on the device), and torch's
+    warning "lr_scheduler.step() before optimizer.step()" never appears."""
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*lr_scheduler.step.*")
         model = run_train(tiny_demo, tmp_path / amp, "--ssl", "inpaint", "--amp", amp,
@@ -1818,7 +1821,9 @@ def test_mixed_precision_paths_run_on_the_cpu(tiny_demo, tmp_path, amp, capsys):
     state = torch.load(tmp_path / amp / "last.pt", weights_only=True)
     assert (state["scaler"] is not None) == (amp == "fp16") and state["step"] == 4
     skipped = round(math.log2(2.0 ** 16 / state["scaler"]["scale"])) if amp == "fp16" else 0
-    assert state["scheduler"]["last_epoch"] == 4 - skipped
+    assert (amp == "fp16") == (skipped > 0)
+    assert all(s["step"] == 4 - skipped for s in state["optimizer"]["state"].values())
+    assert state["scheduler"]["last_epoch"] == 4
 
 
 def test_wrong_checkpoints_fail_in_one_line(tiny_demo, tmp_path):
@@ -1853,8 +1858,8 @@ def test_non_finite_losses_are_skipped_without_touching_the_weights(tiny_demo, t
     monkeypatch.setattr(hmtl.HMTL, "losses", poisoned)
     model = run_train(tiny_demo, tmp_path / "nan", "--epochs", "1", "--no-eval")
     printed = capsys.readouterr().out
-    assert "non-finite loss at epoch 1 step 2: step skipped (1 so far)" in printed
-    assert "non-finite loss at epoch 1 step 3: step skipped (2 so far)" in printed
+    assert "non-finite loss at epoch 1 step 2: 1 step skipped (1 so far)" in printed
+    assert "non-finite loss at epoch 1 step 3: 1 step skipped (2 so far)" in printed
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert torch.load(tmp_path / "nan" / "last.pt", weights_only=True)["nonfinite"] == 2
 
@@ -1891,6 +1896,56 @@ def test_the_data_and_model_steps_of_a_run_on_their_own(tiny_demo):
     assert built.model.task == "mtl" and built.model.au_pos_weight.shape == (12,)
     assert built.total_steps == 2 * config["epochs"] and (built.epoch, built.step) == (0, 0)
     assert built.scheduler.get_last_lr()[0] <= config["lr"] and built.optimizer is built.scheduler.optimizer
+
+
+class HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make the host wait for the device on CUDA, seen from the CPU: scalar
+    reads (item, float, bool), nonzero and boolean-mask indexing, torch.linalg.solve's error
+    check, equality tests, and tensors made from Python data (torch.tensor(..., device=),
+    indexing with a list: a blocking copy to the GPU)."""
+    SYNCING = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select",
+               "aten._linalg_check_errors", "aten.equal", "aten.is_nonzero", "aten.lift_fresh",
+               "aten.unique_dim", "aten._unique2", "aten.repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        boolean_index = name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+        if name in self.SYNCING or boolean_index:
+            self.counts[name + (" (boolean mask)" if boolean_index else "")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("flags", [
+    ("--ssl", "none"), ("--ssl", "puzzle"), ("--ssl", "inpaint", "--augment", "weak"),
+    ("--task", "expr_va", "--augment", "strong"), ("--task", "va"),
+    ("--task", "expr_va", "--head", "gcn", "--ssl", "inpaint"), ("--task", "mtl", "--ssl", "inpaint"),
+    ("--ssl", "puzzle", "--optimizer", "sgd")], ids=" ".join)
+def test_a_training_step_never_waits_for_the_device(tiny_demo, flags):
+    """Issue 15: 0 host-device synchronisations per steady-state training step, for every task
+    and pretext (fused optimizer, as on CUDA; the loss parts stay on the device until a log
+    step reads them)."""
+    args = train.parse_args(["--dataset", "demo", "--data-root", tiny_demo, *TINY, *flags])
+    config = train.resolve_config(args)
+    prepared = train.build_data(config, args, tiny_demo, seed=0)
+    built = train.build_model(config, args, prepared, log=lambda line: None)
+    run = types.SimpleNamespace(**vars(built), device=torch.device("cpu"), task=prepared.task,
+                                config=config, joint=train.JointLoss(built.model), world=1,
+                                device_sums=train.fresh_sums(torch.device("cpu")))
+    batches = [batch for _, batch in zip(range(4), itertools.cycle(prepared.loader))]
+    built.model.train()
+    for batch in batches[:2]:  # the first steps create the optimizer state
+        train.train_step(run, batch)
+    with HostSyncCounter() as counter:
+        for batch in batches[2:]:
+            train.train_step(run, batch)
+    assert counter.counts == Counter()
+    sums = train.read_interval(run)
+    assert sums["steps"] == 4 and sums["skipped"] == 0 and math.isfinite(sums["loss"])
 
 
 def test_curves_and_bars_are_drawn_where_the_values_say(tmp_path):

@@ -161,14 +161,16 @@ def check_resumable(checkpoint_config, config, args, path):
 def autocast_dtype(amp, device):
     if device.type != "cuda" or amp == "off":
         return None if amp in ("auto", "off") else {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "auto":  # bf16 where the GPU has it (compute capability 8+), not where it is emulated
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def make_optimizer(model, config, device):
     """AdamW (or SGD with Nesterov momentum); no weight decay on biases and BN parameters. The
-    GCN head learns at gcn_lr_scale times the rate (hmtl.DEFAULTS says why)."""
+    GCN head learns at gcn_lr_scale times the rate (hmtl.DEFAULTS says why). Fused, on the CPU
+    as on CUDA: one kernel for all parameters, and a step it is told to skip (found_inf, see
+    train_step) is skipped on the device, with no host synchronisation."""
     params = [p for p in model.parameters() if p.requires_grad]
     graph = {id(p) for p in model.graph_head.parameters()} if model.head == "gcn" else set()
     groups = [{"params": [p for p in params if p.ndim > 1 and id(p) not in graph],
@@ -179,8 +181,14 @@ def make_optimizer(model, config, device):
                        "weight_decay": config["weight_decay"],
                        "lr": config["lr"] * config["gcn_lr_scale"]})
     if config["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=config["lr"], momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups, lr=config["lr"], fused=device.type == "cuda")
+        optimizer = torch.optim.SGD(groups, lr=config["lr"], momentum=0.9, nesterov=True, fused=True)
+        # Fused SGD leaves its momentum uninitialised when the very first step is skipped, and
+        # then reads garbage (torch 2.14, measured). A zero buffer is what its first step would
+        # make anyway (momentum · 0 + gradient = the gradient).
+        for p in params:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return optimizer
+    return torch.optim.AdamW(groups, lr=config["lr"], fused=True)
 
 
 def warmup_cosine(warmup_steps, total_steps):
@@ -478,18 +486,11 @@ def main(argv=None, on_step=None):
 
     # data
     prepared = build_data(config, args, data_root, seed, rank, world, device, main_process, barrier)
-    faces, task, train_set, counts = prepared.faces, prepared.task, prepared.train_set, prepared.counts
-    num_classes, steps_per_epoch, val_split = (prepared.num_classes, prepared.steps_per_epoch,
-                                               prepared.val_split)
-    sampler, loader, size = prepared.sampler, prepared.loader, config["image_size"]
+    faces = prepared.faces
 
     # model, optimiser, schedule (and where a resumed run stood)
     built = build_model(config, args, prepared, checkpoint, seed, rank, device, log)
-    model, optimizer, scheduler, scaler = built.model, built.optimizer, built.scheduler, built.scaler
-    dtype, augment_rng, memory_format = built.dtype, built.augment_rng, built.memory_format
-    total_steps, region_layout = built.total_steps, built.region_layout
-    epoch, batches_done, step = built.epoch, built.batches_done, built.step
-    best, nonfinite, epoch_sums = built.best, built.nonfinite, built.epoch_sums
+    model = built.model
 
     if args.compile:  # every path (task, pretext, both views) goes through forward_features
         model.encoder.forward_features = torch.compile(model.encoder.forward_features)
@@ -499,178 +500,242 @@ def main(argv=None, on_step=None):
             joint, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=config["task_weight"] == 0)
 
-    def state(epoch, batches_done):
-        return {"model": model.state_dict(), "config": config, "seed": seed,
-                "num_classes": num_classes,
-                "classes": faces.classes, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch, "batches_done": batches_done, "step": step, "best": best,
-                "nonfinite": nonfinite, "epoch_sums": epoch_sums,
-                "rng": {"cpu": torch.get_rng_state(), "augment": augment_rng.get_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
-
     if main_process:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({**config, "run": {**{k: v for k, v in vars(args).items()
                                             if k not in hmtl.DEFAULTS}, "seed": seed,
-                                         "region_layout": region_layout}}, f, indent=1)
-    metrics_file = os.path.join(out, "metrics.jsonl")
-
-    def record(entry):
-        if main_process:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-
-    def draw_curves():
-        with open(metrics_file) as f:
-            evaluation.curves_png([json.loads(line) for line in f], os.path.join(out, "curves.png"))
-
-    # The ETA is timed from the first progress line on: the first interval also holds the
-    # start-up (data workers, first allocations), which made a 2-minute run's ETA read 2 hours.
-    clock = {"time": None, "step": None}
-
+                                         "region_layout": built.region_layout}}, f, indent=1)
     if "au" in faces.labels:  # MTL frames carry any subset of the three tasks' labels
         log(f"{faces.name} training frames labelled per task: "
             + ", ".join(f"{k} {v}" for k, v in data.task_label_counts(faces.splits["train"]).items()))
+    counts = prepared.counts
+    log(f"{faces.name}: {len(prepared.train_set)} training samples"
+        + (f" ({', '.join(f'{c} {n}' for c, n in zip(faces.classes, counts.tolist()))})" if counts is not None else "")
+        + f"; {config['ssl']} pretext, EfficientNet-{config['arch'].upper()}, "
+          f"{config['image_size']} px, batch {config['batch_size']} x {world}, {config['epochs']} "
+          f"epochs of {prepared.steps_per_epoch} steps; "
+          f"{'AMP ' + str(built.dtype).split('.')[-1] if built.dtype else 'float32'} on {device}; out {out}")
+    run = types.SimpleNamespace(
+        config=config, args=args, seed=seed, out=out, device=device, world=world, rank=rank,
+        main_process=main_process, log=log, barrier=barrier, faces=faces, task=prepared.task,
+        data_root=data_root, joint=joint, sampler=prepared.sampler, loader=prepared.loader,
+        steps_per_epoch=prepared.steps_per_epoch, val_split=prepared.val_split,
+        num_classes=prepared.num_classes, on_step=on_step, **vars(built))
     stop = StopFlag()
     previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    log(f"{faces.name}: {len(train_set)} training samples"
-        + (f" ({', '.join(f'{c} {n}' for c, n in zip(faces.classes, counts.tolist()))})" if counts is not None else "")
-        + f"; {config['ssl']} pretext, EfficientNet-{config['arch'].upper()}, {size} px, batch "
-          f"{config['batch_size']} x {world}, {config['epochs']} epochs of {steps_per_epoch} steps; "
-          f"{'AMP ' + str(dtype).split('.')[-1] if dtype else 'float32'} on {device}; out {out}")
-    skipped_images = 0
     try:
-        while epoch < config["epochs"]:
-            sampler.set_epoch(epoch, batches_done * config["batch_size"])
-            model.train()
-            interval = {"time": time.perf_counter(), "images": 0, "sums": {}, "steps": 0}
-            for batch in loader:
-                skipped_images += len(batch["skipped"])
-                for entry in batch["skipped"]:
-                    log(f"skipped an unreadable image: {entry}")
-                if "image" not in batch:
-                    batches_done += 1
-                    continue
-                images = batch["image"].to(device, non_blocking=True)
-                landmarks = batch["landmarks"].to(device, non_blocking=True)
-                has_landmarks = batch["has_landmarks"].to(device, non_blocking=True)
-                task_targets = {key: batch[key].to(device, non_blocking=True) for key in task.labels}
-                angles = task_targets["target"] if task.angles else None  # flips move head pose
-                images, landmarks, angles = data.augment(images, config["augment"], landmarks,
-                                                         angles, augment_rng)
-                if task.angles:
-                    task_targets["target"] = angles
-                images = images.contiguous(memory_format=memory_format)
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    parts, _ = joint(images, task_targets, landmarks, has_landmarks, augment_rng)
-                loss = parts["loss"]
-                flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                                     torch.tensor(float(stop.requested), device=device)])
-                if world > 1:
-                    torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX)
-                bad, stop.requested = bool(flags[0]), bool(flags[1])
-                optimizer.zero_grad(set_to_none=True)
-                if bad:  # never let a NaN/inf touch the weights
-                    nonfinite += 1
-                    log(f"non-finite loss at epoch {epoch + 1} step {step + 1}: step skipped "
-                        f"({nonfinite} so far)")
-                    if nonfinite >= 20:
-                        save_atomically(state(epoch, batches_done), os.path.join(out, "last.pt"))
-                        raise SystemExit("error: 20 non-finite losses; stopped (last.pt saved). "
-                                         "Lower --lr or check the data.")
-                else:
-                    if scaler is not None:
-                        scale_before = scaler.get_scale()
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                        # a step the scaler skipped (inf/NaN gradients) lowers its scale; the
-                        # schedule advances only on steps that updated the weights
-                        updated = scaler.get_scale() >= scale_before
-                    else:
-                        loss.backward()
-                        optimizer.step()
-                        updated = True
-                    if updated:
-                        scheduler.step()
-                step += 1
-                batches_done += 1
-                interval["images"] += len(images) * world
-                interval["steps"] += 1
-                if not bad:
-                    epoch_sums["steps"] += 1
-                    for key, value in parts.items():
-                        value = float(value.detach())
-                        interval["sums"][key] = interval["sums"].get(key, 0.0) + value
-                        epoch_sums[key] = epoch_sums.get(key, 0.0) + value
-                if on_step is not None:
-                    on_step(step, stop)
-                last_of_epoch = batches_done == steps_per_epoch
-                if step % args.log_interval == 0 or last_of_epoch:
-                    now = time.perf_counter()
-                    rate = interval["images"] / max(now - interval["time"], 1e-9)
-                    if clock["time"] is None:
-                        clock.update(time=now, step=step)
-                        eta = "ETA --"
-                    else:
-                        per_step = (now - clock["time"]) / (step - clock["step"])
-                        eta = f"ETA {format_duration((total_steps - step) * per_step)}"
-                    means = {k: v / max(1, interval["steps"]) for k, v in interval["sums"].items()}
-                    shown = " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                    log(f"epoch {epoch + 1}/{config['epochs']} step {batches_done}/{steps_per_epoch} "
-                        f"{shown} lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} img/s {eta}")
-                    record({"kind": "train", "epoch": epoch + 1, "step": step, **means,
-                            "lr": scheduler.get_last_lr()[0], "images_per_s": rate})
-                    interval = {"time": time.perf_counter(), "images": 0, "sums": {}, "steps": 0}
-                if stop.requested or (args.max_steps and step >= args.max_steps):
-                    break
-            if stop.requested:
-                if main_process:
-                    save_atomically(state(epoch, batches_done), os.path.join(out, "last.pt"))
-                log(f"stopped at epoch {epoch + 1}, {batches_done} batches in: "
-                    f"{os.path.join(out, 'last.pt')} saved; --resume it to continue")
-                return model
-            record({"kind": "epoch", "epoch": epoch + 1, "step": step,
-                    **{k: v / max(1, epoch_sums["steps"]) for k, v in epoch_sums.items()
-                       if k != "steps"}})
-            epoch, batches_done, epoch_sums = epoch + 1, 0, {"steps": 0}
-            finished = epoch
-            if args.max_steps and step >= args.max_steps:
-                epoch = config["epochs"]  # a smoke run ends here, checkpointed and evaluated
-            metrics = {}
-            if val_split and main_process:
-                metrics = evaluation.evaluate(model, config, faces, val_split, data_root, device,
-                                              config["batch_size"], args.workers)
-                score = evaluation.selection_metric(config["task"], metrics, faces.name)
-                shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-                log(f"epoch {finished} validation ({val_split}): {shown}")
-                record({"kind": "val", "epoch": finished, "step": step, "split": val_split,
-                        **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
-                if score > best:
-                    best = score
-                    save_atomically(state(epoch, 0), os.path.join(out, "best.pt"))
-            if main_process:
-                save_atomically(state(epoch, 0), os.path.join(out, "last.pt"))
-                if not val_split:
-                    save_atomically(state(epoch, 0), os.path.join(out, "best.pt"))
-                draw_curves()
-            barrier()
+        finished = run_epochs(run, stop)
     finally:
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
-
-    if skipped_images:
-        log(f"{skipped_images} unreadable images were skipped during training")
-    if nonfinite:
-        log(f"{nonfinite} steps had a non-finite loss and were skipped")
-    if main_process and not args.no_eval and config["task_weight"] > 0:
-        final_evaluation(out, config, faces, data_root, device, args, record)
+    if finished and main_process and not args.no_eval and config["task_weight"] > 0:
+        final_evaluation(out, config, faces, data_root, device, args, run.record)
     if world > 1:
         torch.distributed.destroy_process_group()
     return model
+
+
+def train_step(run, batch, skip=False):
+    """One optimisation step, queued on the device without waiting for it: no Python branch on
+    a device value and no scalar read (a test counts them: 0 per step). A step whose loss is
+    not finite (or that `skip` asks to pass over) changes no weight: the fused optimizer skips
+    it on the device, told by `found_inf` as GradScaler tells it, and it is counted there."""
+    device, task = run.device, run.task
+    images = batch["image"].to(device, non_blocking=True)
+    landmarks = batch["landmarks"].to(device, non_blocking=True)
+    has_landmarks = batch["has_landmarks"].to(device, non_blocking=True)
+    targets = {key: batch[key].to(device, non_blocking=True) for key in task.labels}
+    angles = targets["target"] if task.angles else None  # flips move head pose
+    images, landmarks, angles = data.augment(images, run.config["augment"], landmarks, angles,
+                                             run.augment_rng)
+    if task.angles:
+        targets["target"] = angles
+    images = images.contiguous(memory_format=run.memory_format)
+    with torch.autocast(device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
+        parts, _ = run.joint(images, targets, landmarks, has_landmarks, run.augment_rng)
+    loss = parts["loss"]
+    bad = (~torch.isfinite(loss.detach())) | skip
+    if run.world > 1:  # a NaN on one rank reaches every rank's averaged gradients: all skip
+        bad = bad.float()
+        torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
+        bad = bad > 0
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:  # fp16: the scaler finds the non-finite gradients itself
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        loss.backward()
+        run.optimizer.grad_scale, run.optimizer.found_inf = None, bad.float()
+        run.optimizer.step()
+        del run.optimizer.grad_scale, run.optimizer.found_inf
+    run.scheduler.step()
+    good = (~bad).float()
+    run.device_sums["skipped"] += bad.float()
+    run.device_sums["steps"] += good
+    for key, value in parts.items():  # a skipped step's loss parts are left out of the means
+        run.device_sums[key] = run.device_sums.get(key, 0.0) + torch.nan_to_num(value.detach().float()) * good
+
+
+def fresh_sums(device):
+    """The per-interval sums that train_step accumulates on the device."""
+    return {"skipped": torch.zeros((), device=device), "steps": torch.zeros((), device=device)}
+
+
+def read_interval(run):
+    """The loss parts summed on the device since the last read, as Python numbers: the one
+    host-device synchronisation, at log steps only."""
+    keys = list(run.device_sums)
+    values = torch.stack([torch.as_tensor(run.device_sums[k], device=run.device).float()
+                          for k in keys]).tolist()
+    run.device_sums = fresh_sums(run.device)
+    return dict(zip(keys, values))
+
+
+def agreed(run, flag):
+    """Every rank's flag, agreed (any rank's True is every rank's): so they all leave the loop
+    at the same step."""
+    if run.world == 1:
+        return flag
+    value = torch.tensor(float(flag), device=run.device)
+    torch.distributed.all_reduce(value, torch.distributed.ReduceOp.MAX)
+    return bool(value)
+
+
+def state(run, epoch, batches_done):
+    """What a checkpoint holds: weights, optimiser, schedule, scaler, progress, RNG states."""
+    return {"model": run.model.state_dict(), "config": run.config, "seed": run.seed,
+            "num_classes": run.num_classes, "classes": run.faces.classes,
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "epoch": epoch, "batches_done": batches_done, "step": run.step, "best": run.best,
+            "nonfinite": run.nonfinite, "epoch_sums": run.epoch_sums,
+            "rng": {"cpu": torch.get_rng_state(), "augment": run.augment_rng.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []}}
+
+
+def run_epochs(run, stop):
+    """The training loop: epochs of train_step, a progress line (and the loss parts read from
+    the device) every --log-interval steps, validation, best.pt and last.pt after each epoch.
+    A stop signal or a run of non-finite losses ends it at a log step, agreed by every rank,
+    with last.pt saved. Returns True when every epoch ran."""
+    config, args, log, out = run.config, run.args, run.log, run.out
+    metrics_file = os.path.join(out, "metrics.jsonl")
+
+    def record(entry):
+        if run.main_process:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+    run.record = record
+
+    def save(name, epoch, batches_done):
+        if run.main_process:
+            save_atomically(state(run, epoch, batches_done), os.path.join(out, name))
+
+    run.device_sums = fresh_sums(run.device)
+    # The ETA is timed from the first progress line on: the first interval also holds the
+    # start-up (data workers, first allocations), which made a 2-minute run's ETA read 2 hours.
+    clock = {"time": None, "step": None}
+    skipped_images, last_batch = 0, None
+    while run.epoch < config["epochs"]:
+        run.sampler.set_epoch(run.epoch, run.batches_done * config["batch_size"])
+        run.model.train()
+        interval = {"time": time.perf_counter(), "images": 0, "first": run.step + 1}
+        for batch in run.loader:
+            skipped_images += len(batch["skipped"])
+            for entry in batch["skipped"]:
+                log(f"skipped an unreadable image: {entry}")
+            if "image" in batch:
+                last_batch = batch
+                train_step(run, batch)
+            elif run.world > 1 and last_batch is not None:
+                # no readable image on this rank: every rank must still take part in the
+                # step's collectives, so it runs the last batch again and the update is skipped
+                train_step(run, last_batch, skip=True)
+            else:
+                run.batches_done += 1
+                continue
+            run.step += 1
+            run.batches_done += 1
+            interval["images"] += len(batch.get("image", ())) * run.world
+            if run.on_step is not None:
+                run.on_step(run.step, stop)
+            last_of_epoch = run.batches_done == run.steps_per_epoch
+            at_limit = bool(args.max_steps and run.step >= args.max_steps)
+            if run.step % args.log_interval and not last_of_epoch and not at_limit:
+                continue
+            # a log step: read the device once, agree on stopping
+            sums = read_interval(run)
+            steps, skipped = sums.pop("steps"), sums.pop("skipped")
+            for key, value in sums.items():
+                run.epoch_sums[key] = run.epoch_sums.get(key, 0.0) + value
+            run.epoch_sums["steps"] = run.epoch_sums.get("steps", 0) + steps
+            if skipped:
+                run.nonfinite += int(skipped)
+                where = (f"step {run.step}" if interval["first"] == run.step
+                         else f"steps {interval['first']}-{run.step}")
+                log(f"non-finite loss at epoch {run.epoch + 1} {where}: "
+                    f"{int(skipped)} step{'s' if skipped > 1 else ''} skipped ({run.nonfinite} so far)")
+                if run.nonfinite >= 20:
+                    save("last.pt", run.epoch, run.batches_done)
+                    raise SystemExit("error: 20 non-finite losses; stopped (last.pt saved). "
+                                     "Lower --lr or check the data.")
+            now = time.perf_counter()
+            rate = interval["images"] / max(now - interval["time"], 1e-9)
+            if clock["time"] is None:
+                clock.update(time=now, step=run.step)
+                eta = "ETA --"
+            else:
+                per_step = (now - clock["time"]) / (run.step - clock["step"])
+                eta = f"ETA {format_duration((run.total_steps - run.step) * per_step)}"
+            means = {k: v / max(1, steps) for k, v in sums.items()}
+            lr = run.scheduler.get_last_lr()[0]
+            log(f"epoch {run.epoch + 1}/{config['epochs']} step {run.batches_done}/"
+                f"{run.steps_per_epoch} {' '.join(f'{k} {v:.4f}' for k, v in means.items())} "
+                f"lr {lr:.2e} {rate:.0f} img/s {eta}")
+            record({"kind": "train", "epoch": run.epoch + 1, "step": run.step, **means, "lr": lr,
+                    "images_per_s": rate})
+            interval = {"time": time.perf_counter(), "images": 0, "first": run.step + 1}
+            if agreed(run, stop.requested):
+                stop.requested = True
+                save("last.pt", run.epoch, run.batches_done)
+                log(f"stopped at epoch {run.epoch + 1}, {run.batches_done} batches in: "
+                    f"{os.path.join(out, 'last.pt')} saved; --resume it to continue")
+                run.barrier()
+                return False
+            if at_limit:
+                break
+        record({"kind": "epoch", "epoch": run.epoch + 1, "step": run.step,
+                **{k: v / max(1, run.epoch_sums["steps"]) for k, v in run.epoch_sums.items()
+                   if k != "steps"}})
+        run.epoch, run.batches_done, run.epoch_sums = run.epoch + 1, 0, {"steps": 0}
+        finished = run.epoch
+        if args.max_steps and run.step >= args.max_steps:
+            run.epoch = config["epochs"]  # a smoke run ends here, checkpointed and evaluated
+        if run.val_split and run.main_process:
+            metrics = evaluation.evaluate(run.model, config, run.faces, run.val_split, run.data_root,
+                                          run.device, config["batch_size"], args.workers)
+            score = evaluation.selection_metric(config["task"], metrics, run.faces.name)
+            shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+            log(f"epoch {finished} validation ({run.val_split}): {shown}")
+            record({"kind": "val", "epoch": finished, "step": run.step, "split": run.val_split,
+                    **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+            if score > run.best:
+                run.best = score
+                save("best.pt", run.epoch, 0)
+        save("last.pt", run.epoch, 0)
+        if not run.val_split:
+            save("best.pt", run.epoch, 0)
+        if run.main_process:
+            with open(metrics_file) as f:
+                evaluation.curves_png([json.loads(line) for line in f], os.path.join(out, "curves.png"))
+        run.barrier()
+    if skipped_images:
+        log(f"{skipped_images} unreadable images were skipped during training")
+    if run.nonfinite:
+        log(f"{run.nonfinite} steps had a non-finite loss and were skipped")
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
