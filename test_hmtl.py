@@ -2229,17 +2229,85 @@ def ddp_worker(rank, world, port, demo_root, out):
 
 
 def test_distributed_data_parallel_on_cpu_with_gloo(tiny_demo, tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(ddp_worker, args=(2, port, tiny_demo, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), tiny_demo, str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in rank0:  # gradients were averaged: every parameter agrees across processes
         if "running" not in key and "num_batches" not in key:
             assert torch.equal(rank0[key], rank1[key]), key
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 2  # 32 samples / 2 processes / batch 8
+
+
+def ddp_stop_worker(rank, world, port, demo_root, out, stop_step, log_interval, resume):
+    """A 2-process run in which only rank 1 gets the stop signal, at `stop_step`; or, with
+    `resume`, the run resumed to its end. Each rank writes the last step it ran."""
+    import os as _os
+    _os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    steps = []
+
+    def on_step(step, stop):
+        steps.append(step)
+        if rank == 1 and step == stop_step:
+            stop(signal.SIGTERM, None)  # what the handler does when the signal lands
+    flags = ["--resume", _os.path.join(out, "last.pt")] if resume else \
+        ["--dataset", "demo", "--data-root", demo_root, "--out", out, *TINY, "--ssl", "puzzle",
+         "--epochs", "3", "--no-eval", "--device", "cpu", "--log-interval", str(log_interval)]
+    train.main(flags, on_step=on_step)
+    Path(out, f"rank{rank}-steps.json").write_text(json.dumps(steps))
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("stop_step, log_interval, stopped_at", [(1, 1, 1), (3, 1, 3), (3, 4, 4)])
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_demo, tmp_path, stop_step,
+                                                          log_interval, stopped_at):
+    """Issue 15: the ranks agree on stopping at a log step (the last of an epoch is one), so a
+    signal to one rank alone stops both at the same step, last.pt saved once; then the run
+    resumes on both, each rank with its own random states."""
+    out = str(tmp_path / "run")
+    torch.multiprocessing.spawn(ddp_stop_worker, nprocs=2, args=(
+        2, free_port(), tiny_demo, out, stop_step, log_interval, False))
+    ran = [json.loads(Path(out, f"rank{r}-steps.json").read_text()) for r in (0, 1)]
+    assert ran[0] == ran[1] == list(range(1, stopped_at + 1))
+    saved = torch.load(Path(out, "last.pt"), weights_only=True)
+    assert saved["step"] == stopped_at
+    per_rank = saved["rng"]["per_rank"]
+    assert len(per_rank) == 2 and not torch.equal(per_rank[0]["augment"], per_rank[1]["augment"])
+    torch.multiprocessing.spawn(ddp_stop_worker, nprocs=2, args=(
+        2, free_port(), tiny_demo, out, -1, log_interval, True))
+    ran = [json.loads(Path(out, f"rank{r}-steps.json").read_text()) for r in (0, 1)]
+    assert ran[0] == ran[1] == list(range(stopped_at + 1, 7))  # 3 epochs of 2 steps
+    final = torch.load(Path(out, "last.pt"), weights_only=True)
+    assert final["step"] == 6 and final["epoch"] == 3
+    assert not torch.equal(final["rng"]["per_rank"][0]["augment"], final["rng"]["per_rank"][1]["augment"])
+
+
+def test_each_rank_restores_its_own_random_states_or_says_it_reseeds(capsys):
+    states = []
+    for rank in (0, 1):
+        generator = torch.Generator().manual_seed(100 + rank)
+        torch.manual_seed(200 + rank)
+        states.append({"cpu": torch.get_rng_state(), "augment": generator.get_state(), "cuda": None})
+    generator = torch.Generator()
+    train.restore_random_states({"per_rank": states}, 1, torch.device("cpu"), generator, reseed=7)
+    assert torch.equal(generator.get_state(), states[1]["augment"])
+    assert torch.equal(torch.get_rng_state(), states[1]["cpu"]) and capsys.readouterr().out == ""
+    # a third rank (resumed on more processes), and a CUDA generator's 16-byte state on the CPU
+    train.restore_random_states({"per_rank": states}, 2, torch.device("cpu"), generator, reseed=7)
+    assert "rank 2: the checkpoint holds no CPU, augmentation random state" in capsys.readouterr().out
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(7).get_state())
+    cuda_saved = [{**states[0], "augment": torch.zeros(16, dtype=torch.uint8)}]
+    train.restore_random_states({"per_rank": cuda_saved}, 0, torch.device("cpu"), generator, reseed=8)
+    assert "rank 0: the checkpoint holds no augmentation random state" in capsys.readouterr().out
+    old = {"cpu": states[0]["cpu"], "augment": states[0]["augment"], "cuda": []}  # rank 0's alone
+    train.restore_random_states(old, 0, torch.device("cpu"), generator, reseed=9)
+    assert torch.equal(generator.get_state(), states[0]["augment"])
 
 
 def randomised(module, size=64):

@@ -15,6 +15,7 @@ After training, the best model is evaluated on the split the paper reports (eval
 """
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -413,16 +414,45 @@ def build_model(config, args, prepared, checkpoint=None, seed=0, rank=0,
         progress.update({k: checkpoint[k] for k in ("epoch", "batches_done", "step", "best",
                                                     "nonfinite")})
         progress["epoch_sums"] = checkpoint.get("epoch_sums", progress["epoch_sums"])
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        augment_rng.set_state(checkpoint["rng"]["augment"])
+        restore_random_states(checkpoint["rng"], rank, device, augment_rng,
+                              seed * 7919 + rank + 104729 * progress["step"])
         log(f"resumed {args.resume}: epoch {progress['epoch'] + 1}, {progress['batches_done']} "
             f"batches into it, step {progress['step']}")
     return types.SimpleNamespace(
         model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, dtype=dtype,
         augment_rng=augment_rng, memory_format=memory_format, total_steps=total_steps,
         region_layout=region_layout, **progress)
+
+
+def restore_random_states(saved, rank, device, augment_rng, reseed):
+    """This rank's own random states from a checkpoint (CPU, its GPU's, the augmentation
+    generator's). Where the checkpoint has none that fit (fewer ranks saved it, or it was saved
+    on another kind of device), that generator is reseeded from `reseed`, and one line says so."""
+    per_rank = saved.get("per_rank") or [saved]  # before per-rank states: rank 0's alone
+    mine = per_rank[rank] if rank < len(per_rank) else {}
+    reseeded = []
+    if "cpu" in mine:
+        torch.set_rng_state(mine["cpu"])
+    else:
+        torch.manual_seed(reseed)
+        reseeded.append("CPU")
+    if device.type == "cuda":
+        cuda = mine.get("cuda")
+        cuda = cuda[device.index or 0] if isinstance(cuda, list) and len(cuda) > (device.index or 0) else cuda
+        if isinstance(cuda, torch.Tensor) and cuda.numel() == torch.cuda.get_rng_state(device).numel():
+            torch.cuda.set_rng_state(cuda, device)
+        else:
+            torch.cuda.manual_seed(reseed)
+            reseeded.append("CUDA")
+    augment = mine.get("augment")  # a CUDA generator's state is 16 bytes, a CPU one's 5,056
+    if isinstance(augment, torch.Tensor) and augment.numel() == augment_rng.get_state().numel():
+        augment_rng.set_state(augment)
+    else:
+        augment_rng.manual_seed(reseed)
+        reseeded.append("augmentation")
+    if reseeded:
+        print(f"rank {rank}: the checkpoint holds no {', '.join(reseeded)} random state for this "
+              f"rank on {device.type} (saved by {len(per_rank)} rank(s)); reseeded", flush=True)
 
 
 def final_evaluation(out, config, faces, data_root, device, args, record):
@@ -465,11 +495,11 @@ def main(argv=None, on_step=None):
     rank = int(os.environ.get("RANK", "0"))
     device = torch.device(args.device)
     if world > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend)
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             device_id=device if device.type == "cuda" else None)
     main_process = rank == 0
 
     def log(line):
@@ -480,12 +510,22 @@ def main(argv=None, on_step=None):
         if world > 1:
             torch.distributed.barrier()
 
+    # While rank 0 alone builds the prepared cache (an hour for AffectNet at 224 px), the others
+    # wait on a CPU (gloo) group with a long timeout: NCCL's 10 minutes would end the run.
+    long_wait = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=6)) \
+        if world > 1 else None
+
+    def wait_for_prepare():
+        if world > 1:
+            torch.distributed.barrier(group=long_wait)
+
     out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
                        os.path.join("runs", config["recipe"] or
                                     f"{config['dataset']}-{config['ssl']}-{config['arch']}"))
 
     # data
-    prepared = build_data(config, args, data_root, seed, rank, world, device, main_process, barrier)
+    prepared = build_data(config, args, data_root, seed, rank, world, device, main_process,
+                          wait_for_prepare)
     faces = prepared.faces
 
     # model, optimiser, schedule (and where a resumed run stood)
@@ -498,7 +538,10 @@ def main(argv=None, on_step=None):
     if world > 1:
         joint = torch.nn.parallel.DistributedDataParallel(
             joint, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=config["task_weight"] == 0)
+            find_unused_parameters=config["task_weight"] == 0,
+            # gradients written straight into the all-reduce buckets: no copy per step, and
+            # no stride mismatch for channels_last weights (the squeeze-excitation's views)
+            gradient_as_bucket_view=True)
 
     if main_process:
         os.makedirs(out, exist_ok=True)
@@ -603,16 +646,28 @@ def agreed(run, flag):
     return bool(value)
 
 
-def state(run, epoch, batches_done):
-    """What a checkpoint holds: weights, optimiser, schedule, scaler, progress, RNG states."""
+def random_states(run):
+    """Every rank's random states (CPU, its GPU's, the augmentation generator's), gathered on
+    every rank (a collective: all ranks call it), so that each resumes with its own."""
+    own = {"cpu": torch.get_rng_state(), "augment": run.augment_rng.get_state(),
+           "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
+    if run.world == 1:
+        return [own]
+    states = [None] * run.world
+    torch.distributed.all_gather_object(states, own)
+    return states
+
+
+def state(run, epoch, batches_done, per_rank):
+    """What a checkpoint holds: weights, optimiser, schedule, scaler, progress, and every
+    rank's random states (random_states)."""
     return {"model": run.model.state_dict(), "config": run.config, "seed": run.seed,
             "num_classes": run.num_classes, "classes": run.faces.classes,
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "epoch": epoch, "batches_done": batches_done, "step": run.step, "best": run.best,
             "nonfinite": run.nonfinite, "epoch_sums": run.epoch_sums,
-            "rng": {"cpu": torch.get_rng_state(), "augment": run.augment_rng.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []}}
+            "rng": {"per_rank": per_rank, "device": run.device.type}}
 
 
 def run_epochs(run, stop):
@@ -629,9 +684,9 @@ def run_epochs(run, stop):
                 f.write(json.dumps(entry) + "\n")
     run.record = record
 
-    def save(name, epoch, batches_done):
+    def save(name, epoch, batches_done, per_rank):
         if run.main_process:
-            save_atomically(state(run, epoch, batches_done), os.path.join(out, name))
+            save_atomically(state(run, epoch, batches_done, per_rank), os.path.join(out, name))
 
     run.device_sums = fresh_sums(run.device)
     # The ETA is timed from the first progress line on: the first interval also holds the
@@ -677,8 +732,8 @@ def run_epochs(run, stop):
                          else f"steps {interval['first']}-{run.step}")
                 log(f"non-finite loss at epoch {run.epoch + 1} {where}: "
                     f"{int(skipped)} step{'s' if skipped > 1 else ''} skipped ({run.nonfinite} so far)")
-                if run.nonfinite >= 20:
-                    save("last.pt", run.epoch, run.batches_done)
+                if run.nonfinite >= 20:  # every rank counts the same agreed skips
+                    save("last.pt", run.epoch, run.batches_done, random_states(run))
                     raise SystemExit("error: 20 non-finite losses; stopped (last.pt saved). "
                                      "Lower --lr or check the data.")
             now = time.perf_counter()
@@ -699,7 +754,7 @@ def run_epochs(run, stop):
             interval = {"time": time.perf_counter(), "images": 0, "first": run.step + 1}
             if agreed(run, stop.requested):
                 stop.requested = True
-                save("last.pt", run.epoch, run.batches_done)
+                save("last.pt", run.epoch, run.batches_done, random_states(run))
                 log(f"stopped at epoch {run.epoch + 1}, {run.batches_done} batches in: "
                     f"{os.path.join(out, 'last.pt')} saved; --resume it to continue")
                 run.barrier()
@@ -713,6 +768,7 @@ def run_epochs(run, stop):
         finished = run.epoch
         if args.max_steps and run.step >= args.max_steps:
             run.epoch = config["epochs"]  # a smoke run ends here, checkpointed and evaluated
+        per_rank = random_states(run)
         if run.val_split and run.main_process:
             metrics = evaluation.evaluate(run.model, config, run.faces, run.val_split, run.data_root,
                                           run.device, config["batch_size"], args.workers)
@@ -723,10 +779,10 @@ def run_epochs(run, stop):
                     **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
             if score > run.best:
                 run.best = score
-                save("best.pt", run.epoch, 0)
-        save("last.pt", run.epoch, 0)
+                save("best.pt", run.epoch, 0, per_rank)
+        save("last.pt", run.epoch, 0, per_rank)
         if not run.val_split:
-            save("best.pt", run.epoch, 0)
+            save("best.pt", run.epoch, 0, per_rank)
         if run.main_process:
             with open(metrics_file) as f:
                 evaluation.curves_png([json.loads(line) for line in f], os.path.join(out, "curves.png"))
