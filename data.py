@@ -1680,13 +1680,26 @@ class CachedDataset(torch.utils.data.Dataset):
             self.meta = json.load(f)
         labels = np.load(os.path.join(directory, f"{split}-labels.npz"))
         self.kept = labels["kept"]
-        self.images = np.load(os.path.join(directory, f"{split}-images.npy"), mmap_mode="r")
+        self.images_path, self._images = os.path.join(directory, f"{split}-images.npy"), None
         self.target = torch.from_numpy(labels["target"])
         self.landmarks = torch.from_numpy(labels["landmarks"])
         self.has_landmarks = torch.from_numpy(labels["has_landmarks"])
         self.va = torch.from_numpy(labels["va"])
         self.au = torch.from_numpy(labels["au"])
         self.indices = np.arange(len(self.kept)) if indices is None else np.asarray(indices)
+
+    @property
+    def images(self):
+        """The images' memory map, opened in the process that reads it: a DataLoader worker
+        started by spawn or forkserver (Python 3.14's default on Linux) gets the dataset
+        pickled, and a pickled memory map is a full copy of the data (43 GB for AffectNet at
+        224 px)."""
+        if self._images is None:
+            self._images = np.load(self.images_path, mmap_mode="r")
+        return self._images
+
+    def __getstate__(self):
+        return {**self.__dict__, "_images": None}
 
     def __len__(self):
         return len(self.indices)
@@ -1750,7 +1763,7 @@ def make_loader(dataset, batch_size, workers=0, sampler=None, drop_last=False, p
     # dropout uses, so a resumed run replays the same random numbers
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-        num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
+        num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
         collate_fn=identity_collate if cached else collate,
         generator=torch.Generator().manual_seed(0))
 

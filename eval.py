@@ -51,6 +51,8 @@ def predict_split(model, loader, device, channels_last=True, embed=False):
     on). Returns (outputs, {label key: targets} with every label a batch carries ("target",
     "va", "au"), skipped)."""
     model.eval()
+    if channels_last:  # the weights in the inputs' layout, else every conv converts
+        model.to(memory_format=torch.channels_last)
     outputs, targets, skipped = [], {}, []
     for batch in loader:
         skipped += batch["skipped"]
@@ -59,15 +61,17 @@ def predict_split(model, loader, device, channels_last=True, embed=False):
         images = data.normalize(batch["image"].to(device, non_blocking=True))
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if embed:
-            outputs.append(model.encoder.pool(model.encoder.forward_features(images)).float().cpu())
-        else:
-            outputs.append(model(images).float().cpu())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if embed:
+                output = model.encoder.pool(model.encoder.forward_features(images))
+            else:
+                output = model(images)
+        outputs.append(output.float())  # kept on the device: one copy back at the end
         for key in LABEL_KEYS:
             targets.setdefault(key, []).append(batch[key])
     if not outputs:
         raise RuntimeError("no sample of this split could be read")
-    return torch.cat(outputs), {k: torch.cat(v) for k, v in targets.items()}, skipped
+    return torch.cat(outputs).cpu(), {k: torch.cat(v) for k, v in targets.items()}, skipped
 
 
 LABEL_KEYS = ("target", "va", "au")  # what a batch carries besides the images

@@ -728,7 +728,14 @@ def export(model):
     """The deployable model: the encoder and its task head, no pretext head, no decoder. A plain
     models.EfficientNet in eval mode (state_dict keys are torchvision's). A GCN head's weights
     are a constant once trained: they become the linear classifier's, with a zero bias."""
-    deployed = copy.deepcopy(model.encoder).eval()
+    # train.py --compile replaces the encoder's forward_features with a compiled wrapper bound
+    # to that encoder: the copy must not take it (it would run the original's weights)
+    compiled = model.encoder.__dict__.pop("forward_features", None)
+    try:
+        deployed = copy.deepcopy(model.encoder).eval()
+    finally:
+        if compiled is not None:
+            model.encoder.forward_features = compiled
     if model.head == "gcn":
         with torch.no_grad():
             deployed.classifier[1].weight.copy_(model.graph_head.node_weights())

@@ -1730,7 +1730,7 @@ def test_confusion_matrix_picture(tmp_path):
 # train.py and eval.py end to end on a tiny demo.
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--log-interval", "1",
-        "--lr", "0.002", "--warmup-epochs", "0.5"]
+        "--lr", "0.002", "--warmup-epochs", "0.5", "--device", "cpu"]  # the CPU, even on a GPU box
 
 
 @pytest.fixture(scope="module")
@@ -2217,6 +2217,47 @@ def test_compile_reaches_the_pretext_path(tiny_demo, tmp_path, monkeypatch):
     run_train(tiny_demo, tmp_path / "run", "--ssl", "inpaint", "--compile", "--max-steps", "1",
               "--no-eval")
     assert compiled == ["forward_features"] and len(calls) >= 2  # the step and the validation
+
+
+def test_export_of_a_compiled_model_is_its_own_copy(tiny_demo):
+    """--compile binds a compiled forward_features to the training encoder; hmtl.export must
+    give a model with its own weights that pickles."""
+    import pickle
+    model = random_deployable("classify", data.AFFECTNET_CLASSES)
+    model.encoder.forward_features = torch.compile(model.encoder.forward_features, backend="eager")
+    deployed = hmtl.export(model)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = deployed(images)
+        for p in model.parameters():
+            p.add_(1.0)
+        torch.testing.assert_close(deployed(images), before)  # the original's change is not seen
+    assert "forward_features" not in deployed.__dict__ and pickle.loads(pickle.dumps(deployed))
+    assert "forward_features" in model.encoder.__dict__  # training keeps its compiled path
+
+
+def test_the_cached_dataset_pickles_without_its_images(tiny_demo):
+    """DataLoader workers started by spawn or forkserver get the dataset pickled: the memory
+    map must open again in the worker, not travel as a copy of every image."""
+    import pickle
+    faces = data.load("demo", tiny_demo)
+    data.prepare(faces, tiny_demo, 32, 0, None, progress=lambda line: None)  # as train.py does
+    dataset = data.open_split(faces, "train", 32, tiny_demo)
+    assert isinstance(dataset, data.CachedDataset)
+    first = dataset.__getitems__([0, 1])["image"]
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert len(pickle.dumps(dataset)) < dataset.images.nbytes / 2
+    assert torch.equal(copy.__getitems__([0, 1])["image"], first)
+    loader = data.make_loader(dataset, 8, workers=1)
+    assert loader.persistent_workers and len(list(loader)) == 4
+
+
+def test_deterministic_flag_runs(tiny_demo, tmp_path):
+    try:
+        run_train(tiny_demo, tmp_path / "run", "--deterministic", "--max-steps", "1", "--no-eval")
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def ddp_worker(rank, world, port, demo_root, out):

@@ -106,6 +106,9 @@ def parse_args(argv=None):
         help="autocast: auto = bf16 on CUDA where supported, else fp16; off on the CPU")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     add("--compile", action="store_true", help="torch.compile the encoder")
+    add("--deterministic", action="store_true",
+        help="deterministic CUDA kernels (slower): the CPU resumes bit for bit without it, CUDA "
+             "only with it (bilinear upsampling's backward and cuDNN's defaults are not)")
     add("--prepare", action="store_true",
         help="build the prepared cache first if missing, rebuild it if the data changed")
     add("--cache-dir", help="where prepared caches go (default: <data-root>/hmtl_cache, or "
@@ -494,6 +497,10 @@ def main(argv=None, on_step=None):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = torch.device(args.device)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs for it
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
