@@ -677,9 +677,13 @@ def export_onnx(model, path):
 # ----------------------------------------------------------------------------------------------
 
 
-def split_loader(config, faces, split, data_root, device, batch_size, workers):
-    """Clean images of a split at the run's size: the prepared cache if any, else decoded."""
+def split_loader(config, faces, split, data_root, device, batch_size, workers, rank=0, world=1):
+    """Clean images of a split at the run's size: the prepared cache if any, else decoded.
+    With `world` processes, this rank's share: every world-th image from `rank` on."""
     dataset = data.open_split(faces, split, config["image_size"], data_root, config.get("classes"))
+    if world > 1:
+        dataset = data.open_split(faces, split, config["image_size"], data_root,
+                                  config.get("classes"), range(rank, len(dataset), world))
     return data.make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
 
 
@@ -695,12 +699,20 @@ def extract_features(model, config, faces, split, data_root, device, path, batch
             "skipped_unreadable": len(skipped)}
 
 
-def split_outputs(model, config, faces, split, data_root, device, batch_size=128, workers=0):
+def split_outputs(model, config, faces, split, data_root, device, batch_size=128, workers=0,
+                  rank=0, world=1):
     """The model's outputs over a split, its targets, how many images were unreadable, and the
     model's classes left out (a model scored on a dataset with a subset of its classes keeps
-    only their logits, in the dataset's order: match_classes)."""
-    loader = split_loader(config, faces, split, data_root, device, batch_size, workers)
+    only their logits, in the dataset's order: match_classes). With `world` processes, each
+    runs its share and every rank gets all of them (a collective: every rank calls it)."""
+    loader = split_loader(config, faces, split, data_root, device, batch_size, workers, rank, world)
     outputs, targets, skipped = predict_split(model, loader, device)
+    if world > 1:
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, (outputs, targets, skipped))
+        outputs = torch.cat([share[0] for share in shares])
+        targets = {k: torch.cat([share[1][k] for share in shares]) for k in targets}
+        skipped = [entry for share in shares for entry in share[2]]
     dropped = []
     if faces.classes and (model.classes or []) != faces.classes:
         if not model.classes:  # a checkpoint without names: only the count can be checked
@@ -717,13 +729,14 @@ def split_outputs(model, config, faces, split, data_root, device, batch_size=128
 
 
 def evaluate(model, config, faces, split, data_root, device, batch_size=128, workers=0,
-             out_dir=None):
+             out_dir=None, rank=0, world=1):
     """Run the dataset's protocol for `split`; returns the metrics (and writes the confusion
-    PNG into `out_dir` for classification)."""
+    PNG into `out_dir` for classification). With `world` processes, each runs its share of the
+    images and every rank gets the metrics over all of them."""
     if faces.name == "ckplus":
         return ckplus_nonlinear(model, faces, config["image_size"], device, batch_size)
     outputs, targets, skipped, dropped = split_outputs(model, config, faces, split, data_root,
-                                                       device, batch_size, workers)
+                                                       device, batch_size, workers, rank, world)
     metrics = hmtl.TASKS[model.task].metrics(outputs, targets, faces.classes)
     metrics["skipped_unreadable"] = skipped
     if dropped:

@@ -2277,6 +2277,10 @@ def test_distributed_data_parallel_on_cpu_with_gloo(tiny_demo, tmp_path):
             assert torch.equal(rank0[key], rank1[key]), key
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 2  # 32 samples / 2 processes / batch 8
+    # validation ran on both processes, 8 faces each, and was scored over all 16
+    val = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+           if '"kind": "val"' in line]
+    assert len(val) == 1 and val[0]["samples"] == 16
 
 
 def ddp_stop_worker(rank, world, port, demo_root, out, stop_step, log_interval, resume):

@@ -776,15 +776,16 @@ def run_epochs(run, stop):
         if args.max_steps and run.step >= args.max_steps:
             run.epoch = config["epochs"]  # a smoke run ends here, checkpointed and evaluated
         per_rank = random_states(run)
-        if run.val_split and run.main_process:
+        if run.val_split:  # every rank validates its share (NCCL would time out waiting on one)
             metrics = evaluation.evaluate(run.model, config, run.faces, run.val_split, run.data_root,
-                                          run.device, config["batch_size"], args.workers)
+                                          run.device, config["batch_size"], args.workers,
+                                          rank=run.rank, world=run.world)
             score = evaluation.selection_metric(config["task"], metrics, run.faces.name)
             shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
             log(f"epoch {finished} validation ({run.val_split}): {shown}")
             record({"kind": "val", "epoch": finished, "step": run.step, "split": run.val_split,
                     **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
-            if score > run.best:
+            if score > run.best:  # the same metrics, so the same choice, on every rank
                 run.best = score
                 save("best.pt", run.epoch, 0, per_rank)
         save("last.pt", run.epoch, 0, per_rank)
