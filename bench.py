@@ -25,6 +25,8 @@ Parts (`python bench.py models hmtl`; default: models hmtl data predict):
            collate whole batches, 1 core), the strong augmentation batched on the device.
   fingerprint  the prepared cache's staleness check at AffectNet's 287,651 rows, against the
            per-row existence check that the reader makes anyway (not in the default parts).
+  smoke    on a CUDA machine: the GPU-only tests, then the GPU figures (B0, 224 px, bf16);
+           a few minutes.
   reader   --dataset affwild2_mtl at s-Aff-Wild2's 169,209 rows, against the bare CSV parse
            of the same files (not in the default parts).
 
@@ -455,6 +457,27 @@ def bench_e2e(args, device, autocast):
     return rows
 
 
+def smoke():
+    """python bench.py smoke, on a CUDA machine: what CI (no GPU) cannot check, in a few
+    minutes. First the tests that need CUDA (test_hmtl.py -k gpu_: bf16 and fp16 steps, a
+    training step with no host synchronisation under torch.cuda.set_sync_debug_mode("error"),
+    --compile without recompiles, a CPU checkpoint resumed on the GPU, the benchmarks running),
+    then the figures to record in BENCHMARKS.md: B0 at 224 px, bf16, channels_last, batch 128,
+    the training step of the hand-written model against torchvision's, and SL against each
+    pretext task."""
+    import subprocess
+    import sys
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench.py smoke needs a CUDA GPU")
+    here = os.path.dirname(os.path.abspath(__file__))
+    tests = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", "test_hmtl.py", "-k", "gpu_"],
+                            cwd=here)
+    print(f"\nGPU tests: {'passed' if tests == 0 else 'FAILED'}\n", flush=True)
+    rows = main(["models", "hmtl", "predict", "--arch", "b0", "--size", "224", "--batch", "128",
+                 "--rounds", "5", "--steps", "5"])
+    return tests, rows
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -500,7 +523,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("parts", nargs="*", default=["models", "hmtl", "data", "predict"],
-                        choices=list(PARTS), help="which benchmarks (default: models hmtl data predict)")
+                        choices=list(PARTS) + ["smoke"],
+                        help="which benchmarks (default: models hmtl data predict); smoke: the "
+                             "GPU check (CUDA tests, then the GPU figures)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--arch", nargs="+", default=["b0", "b2"], choices=sorted(models.VARIANTS))
     parser.add_argument("--size", type=int, help="image side in pixels (CPU 112, CUDA 224)")
@@ -521,6 +546,8 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = parser.parse_args(argv)
+    if args.parts == ["smoke"]:
+        return smoke()
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"

@@ -1948,6 +1948,83 @@ def test_a_training_step_never_waits_for_the_device(tiny_demo, flags):
     assert sums["steps"] == 4 and sums["skipped"] == 0 and math.isfinite(sums["loss"])
 
 
+# ----------------------------------------------------------------------------------------------
+# On a CUDA GPU only (python bench.py smoke runs these and the GPU benchmarks): what the CPU
+# cannot show.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cuda_run(demo_root, *flags):
+    """A built training run on CUDA (train_step's arguments), its batches pinned."""
+    args = train.parse_args(["--dataset", "demo", "--data-root", demo_root, *TINY, *flags,
+                             "--device", "cuda"])
+    config, device = train.resolve_config(args), torch.device("cuda")
+    prepared = train.build_data(config, args, demo_root, seed=0, device=device)
+    built = train.build_model(config, args, prepared, device=device, log=lambda line: None)
+    built.model.train()
+    run = types.SimpleNamespace(**vars(built), device=device, task=prepared.task, config=config,
+                                joint=train.JointLoss(built.model), world=1,
+                                device_sums=train.fresh_sums(device))
+    return run, [batch for _, batch in zip(range(8), itertools.cycle(prepared.loader))]
+
+
+@needs_cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_gpu_mixed_precision_steps(tiny_demo, tmp_path, amp):
+    model = run_train(tiny_demo, tmp_path / amp, "--ssl", "inpaint", "--amp", amp,
+                      "--device", "cuda", "--max-steps", "3", "--no-eval")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.load(tmp_path / amp / "last.pt", weights_only=True)["step"] == 3
+
+
+@needs_cuda
+@pytest.mark.parametrize("flags", [("--ssl", "none"), ("--ssl", "puzzle"), ("--ssl", "inpaint"),
+                                   ("--task", "mtl", "--ssl", "inpaint")], ids=" ".join)
+def test_gpu_training_step_never_waits_for_the_device(tiny_demo, flags):
+    run, batches = cuda_run(tiny_demo, *flags)
+    for batch in batches[:2]:
+        train.train_step(run, batch)
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+    try:
+        for batch in batches[2:4]:
+            train.train_step(run, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert train.read_interval(run)["steps"] == 4
+
+
+@needs_cuda
+def test_gpu_compile_does_not_recompile_after_the_first_steps(tiny_demo):
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    run, batches = cuda_run(tiny_demo, "--ssl", "inpaint", "--compile")
+    run.model.encoder.forward_features = torch.compile(run.model.encoder.forward_features)
+    for batch in batches[:2]:
+        train.train_step(run, batch)
+    graphs = counters["stats"]["unique_graphs"]
+    for batch in batches[2:]:
+        train.train_step(run, batch)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@needs_cuda
+def test_gpu_resumes_a_cpu_checkpoint(tiny_demo, tmp_path, capsys):
+    run_train(tiny_demo, tmp_path / "run", "--epochs", "2", "--no-eval", on_step=stop_at(3))
+    capsys.readouterr()
+    train.main(["--resume", str(tmp_path / "run" / "last.pt"), "--device", "cuda", "--no-eval"])
+    printed = capsys.readouterr().out
+    assert "reseeded" in printed and "CUDA" in printed  # the CPU run saved no CUDA state
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 8
+
+
+@needs_cuda
+def test_gpu_benchmarks_run():
+    rows = bench.main(["models", "hmtl", "predict", "--arch", "b0", "--steps", "1", "--rounds", "2",
+                       "--json"])
+    assert all(r["images_per_s"] > 0 for r in rows)
+
+
 def test_curves_and_bars_are_drawn_where_the_values_say(tmp_path):
     entries = [{"kind": "epoch", "epoch": e, "step": 10 * e, "loss": 3.0 - e, "task": 2.0 - 0.5 * e}
                for e in (1, 2, 3)]
