@@ -10,7 +10,8 @@
 Settings come from hmtl.DEFAULTS, then the recipe (--recipe, or demo-<ssl> for the demo), then
 the flags given on the command line; the resolved configuration is saved as config.json beside
 the checkpoints. Every epoch writes last.pt (and best.pt by the validation metric) atomically;
-Ctrl-C or SIGTERM saves where it stands and exits, and --resume continues bit for bit.
+Ctrl-C or SIGTERM saves where it stands at the next log step and exits, and --resume
+continues bit for bit (on CUDA with --deterministic).
 After training, the best model is evaluated on the split the paper reports (eval.py).
 """
 
