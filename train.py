@@ -291,7 +291,8 @@ def save_atomically(state, path):
 
 
 class StopFlag:
-    """Set by SIGINT / SIGTERM; the loop saves and exits at the next step boundary."""
+    """Set by SIGINT / SIGTERM, on this process only. The loop reads it at the next log step,
+    where the ranks agree on it (train.agreed), then saves and exits."""
 
     def __init__(self):
         self.requested = False
