@@ -432,7 +432,8 @@ NATIVE_CLASSES = {"affectnet": data.AFFECTNET_CLASSES, "rafdb": data.RAFDB_CLASS
 def convert_hsemotion(path, out, dataset="affectnet", classes=None):
     """Unpickle an HSEmotion model (with timm installed) and save it as a plain timm state_dict
     at `out`, its classifier's rows in `dataset`'s native class order (classes it lacks are
-    dropped), with a JSON beside it (classes, arch, tf_variant, size, task). Then
+    dropped), with a JSON beside it (classes, arch, tf_variant, size, task), and as an HMTL
+    checkpoint (OUT.hmtl.pt) that eval.py and eval.predict use as it is. Then
     `python train.py --init timm:OUT --tf-variant` starts from it."""
     try:
         import timm  # noqa: F401  (unpickling the module needs its classes)
@@ -464,12 +465,24 @@ def convert_hsemotion(path, out, dataset="affectnet", classes=None):
     tf_variant = abs(module.bn1.eps - 1e-3) < 1e-9
     note = {"source": os.path.abspath(path), "classes": wanted, "dropped": dropped, "arch": arch,
             "tf_variant": tf_variant, "image_size": {"b0": 224, "b2": 260}.get(arch),
-            "task": "expr_va" if outputs == 10 else "classify"}
-    torch.save({k: v.contiguous() for k, v in state.items()}, out)
+            "task": "expr_va" if outputs == 10 else "classify",
+            "checkpoint": os.path.splitext(out)[0] + ".hmtl.pt"}
+    state = {k: v.contiguous() for k, v in state.items()}
+    torch.save(state, out)
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump(note, f, indent=1)
+    # and the same network as an HMTL checkpoint, to score or use as it is (eval.py
+    # --checkpoint, eval.predict): the LSD recipe's "pretrained, untrained" model
+    config = {**hmtl.DEFAULTS, "dataset": dataset, "classes": len(wanted), "arch": arch,
+              "tf_variant": tf_variant, "task": note["task"], "image_size": note["image_size"],
+              "init": f"timm:{out}"}
+    model = hmtl.model_from_config(config, len(wanted))
+    models.load_timm_weights(model.encoder, state)
+    torch.save({"model": model.state_dict(), "config": config, "num_classes": len(wanted),
+                "classes": wanted}, note["checkpoint"])
     print(f"saved {out} ({arch}, classes {', '.join(wanted)}"
-          + (f"; dropped {', '.join(dropped)}" if dropped else "") + "); train from it with: "
+          + (f"; dropped {', '.join(dropped)}" if dropped else "") + f"), and {note['checkpoint']} "
+          f"for eval.py --checkpoint; train from it with: "
           f"python train.py --init timm:{out} --arch {arch}{' --tf-variant' if tf_variant else ''} "
           f"--image-size {note['image_size']} --task {note['task']}")
     return note
