@@ -48,20 +48,14 @@ def classification_loss(logits, labels, weights=None, label_smoothing=0.0):
     return F.cross_entropy(logits.float(), labels, weight=weights, label_smoothing=label_smoothing)
 
 
-def ccc(pred, target):
-    """Lin's concordance correlation coefficient over a batch (1 = perfect agreement)."""
-    pred_mean, target_mean = pred.mean(), target.mean()
-    covariance = ((pred - pred_mean) * (target - target_mean)).mean()
-    return 2 * covariance / (pred.var(unbiased=False) + target.var(unbiased=False)
-                             + (pred_mean - target_mean) ** 2 + 1e-8)
-
-
-def masked_ccc(pred, target, valid):
-    """ccc() over the samples where `valid` (N,) is true, as weights: no data-dependent shape,
-    so nothing waits for the device to know how many there are."""
-    weight = valid.float()
+def ccc(pred, target, valid=None):
+    """Lin's concordance correlation coefficient over a batch (1 = perfect agreement), with
+    population statistics. With `valid` (N,) bool, over those samples only, taken as weights:
+    no data-dependent shape, so nothing waits for the device to know how many there are."""
+    weight = torch.ones_like(pred) if valid is None else valid.to(pred.dtype)
+    if valid is not None:  # sentinels out of the sums
+        target = torch.where(valid, target, torch.zeros_like(target))
     count = weight.sum().clamp(min=1)
-    target = torch.where(valid, target, torch.zeros_like(target))  # sentinels out of the sums
     pred_mean, target_mean = (pred * weight).sum() / count, (target * weight).sum() / count
     pred_dev, target_dev = (pred - pred_mean) * weight, (target - target_mean) * weight
     covariance = (pred_dev * target_dev).sum() / count
@@ -76,7 +70,7 @@ def va_loss(pred, target):
     pred, loss = pred.float(), 0.0
     for dim in range(2):
         valid = target[:, dim].abs() <= 1
-        term = 1 - masked_ccc(pred[:, dim], target[:, dim].float(), valid)
+        term = 1 - ccc(pred[:, dim], target[:, dim].float(), valid)
         loss = loss + torch.where(valid.sum() >= 2, term, torch.zeros_like(term))
     return loss
 

@@ -607,11 +607,8 @@ def train_step(run, batch, skip=False):
     with torch.autocast(device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
         parts, _ = run.joint(images, targets, landmarks, has_landmarks, run.augment_rng)
     loss = parts["loss"]
-    bad = (~torch.isfinite(loss.detach())) | skip
-    if run.world > 1:  # a NaN on one rank reaches every rank's averaged gradients: all skip
-        bad = bad.float()
-        torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
-        bad = bad > 0
+    # a NaN on one rank reaches every rank's averaged gradients: all skip
+    bad = any_rank(run, ((~torch.isfinite(loss.detach())) | skip).float())
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler is not None:  # fp16: the scaler finds the non-finite gradients itself
         run.scaler.scale(loss).backward()
@@ -619,12 +616,12 @@ def train_step(run, batch, skip=False):
         run.scaler.update()
     else:
         loss.backward()
-        run.optimizer.grad_scale, run.optimizer.found_inf = None, bad.float()
+        run.optimizer.grad_scale, run.optimizer.found_inf = None, bad
         run.optimizer.step()
         del run.optimizer.grad_scale, run.optimizer.found_inf
     run.scheduler.step()
-    good = (~bad).float()
-    run.device_sums["skipped"] += bad.float()
+    good = 1 - bad
+    run.device_sums["skipped"] += bad
     run.device_sums["steps"] += good
     for key, value in parts.items():  # a skipped step's loss parts are left out of the means
         run.device_sums[key] = run.device_sums.get(key, 0.0) + torch.nan_to_num(value.detach().float()) * good
@@ -639,20 +636,23 @@ def read_interval(run):
     """The loss parts summed on the device since the last read, as Python numbers: the one
     host-device synchronisation, at log steps only."""
     keys = list(run.device_sums)
-    values = torch.stack([torch.as_tensor(run.device_sums[k], device=run.device).float()
-                          for k in keys]).tolist()
+    values = torch.stack([run.device_sums[k] for k in keys]).tolist()
     run.device_sums = fresh_sums(run.device)
     return dict(zip(keys, values))
 
 
+def any_rank(run, flag):
+    """A 0/1 float tensor on the device -> 1 on every rank if it is 1 on any (all ranks call
+    it); on the device, so no rank waits for it to be read."""
+    if run.world > 1:
+        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+    return flag
+
+
 def agreed(run, flag):
-    """Every rank's flag, agreed (any rank's True is every rank's): so they all leave the loop
-    at the same step."""
-    if run.world == 1:
-        return flag
-    value = torch.tensor(float(flag), device=run.device)
-    torch.distributed.all_reduce(value, torch.distributed.ReduceOp.MAX)
-    return bool(value)
+    """A Python flag, agreed (any rank's True is every rank's): so they all leave the loop at
+    the same step. Read on the host: at log steps only."""
+    return bool(any_rank(run, torch.tensor(float(flag), device=run.device))) if run.world > 1 else flag
 
 
 def random_states(run):
