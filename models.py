@@ -332,16 +332,22 @@ def load_imagenet_weights(model, arch, path=None):
         raise RuntimeError(f"ImageNet weights file {path} does not exist (expected {url})")
 
     state = torch.load(path, map_location="cpu", weights_only=True)
+    return load_backbone_state(model, state, f"{path} is not an EfficientNet-{arch.upper()} state_dict")
+
+
+def load_backbone_state(model, state, what):
+    """Load a state_dict with this file's (torchvision's) key names into `model`: every tensor
+    but the classifier's must be there, with its shape. The classifier is kept if its shape
+    fits, else the model keeps its own (the task's head; a 1000-way ImageNet head, say).
+    Otherwise a one-line RuntimeError: `what`, then what is missing, unexpected or misshapen."""
     own = model.state_dict()
     if state.get("classifier.1.weight", torch.empty(0)).shape != own["classifier.1.weight"].shape:
-        state.pop("classifier.1.weight", None)  # a 1000-way ImageNet head: the task keeps its own
-        state.pop("classifier.1.bias", None)
+        state = {k: v for k, v in state.items() if k not in ("classifier.1.weight", "classifier.1.bias")}
     missing = [k for k in own if k not in state and not k.startswith("classifier.1.")]
     wrong = [k for k in state if k not in own or state[k].shape != own[k].shape]
     if missing or wrong:
-        raise RuntimeError(f"{path} is not an EfficientNet-{arch.upper()} state_dict: "
-                           f"{len(missing)} keys missing, {len(wrong)} unexpected or of another "
-                           f"shape (first: {(missing + wrong)[0]})")
+        raise RuntimeError(f"{what}: {len(missing)} keys missing, {len(wrong)} unexpected or of "
+                           f"another shape (first: {(missing + wrong)[0]})")
     model.load_state_dict(state, strict=False)
     return model
 
@@ -401,22 +407,5 @@ def load_timm_weights(model, state):
     TF_VARIANT: the weights would load either way, the features would not be the same."""
     if isinstance(state, (str, os.PathLike)):
         state = read_state_dict(os.fspath(state))
-    own = model.state_dict()
-    mapped, unknown = {}, []
-    for key, value in state.items():
-        renamed = timm_key(key)
-        (unknown.append(key) if renamed is None or renamed not in own else None)
-        if renamed in own:
-            mapped[renamed] = value
-    if mapped.get("classifier.1.weight", torch.empty(0)).shape != own["classifier.1.weight"].shape:
-        mapped.pop("classifier.1.weight", None)
-        mapped.pop("classifier.1.bias", None)
-    missing = [k for k in own if k not in mapped and not k.startswith("classifier.")]
-    wrong = [k for k in mapped if mapped[k].shape != own[k].shape]
-    if unknown or missing or wrong:
-        first = (unknown + missing + wrong)[0]
-        raise RuntimeError(f"not a timm EfficientNet state_dict of this size: {len(unknown)} keys "
-                           f"unknown, {len(missing)} missing, {len(wrong)} of another shape "
-                           f"(first: {first})")
-    model.load_state_dict(mapped, strict=False)
-    return model
+    renamed = {timm_key(key) or key: value for key, value in state.items()}  # unknown: unexpected
+    return load_backbone_state(model, renamed, "not a timm EfficientNet state_dict of this size")
