@@ -648,18 +648,20 @@ EXPORT_OUTPUTS = {  # how each task's raw outputs read (hmtl.TASKS[task].predict
 }
 
 
-def example_batch(model):
-    """Two RGB images at the model's size: a batch size that torch.export does not
-    specialise on (0 and 1 are special-cased), so the batch axis stays dynamic."""
-    return torch.rand(2, 3, model.image_size, model.image_size)
+def export_inputs(model):
+    """What both exporters trace with: two RGB images at the model's size (a batch size that
+    torch.export does not specialise on: 0 and 1 are special-cased) and the batch axis marked
+    dynamic. Returns (args, dynamic_shapes)."""
+    return ((torch.rand(2, 3, model.image_size, model.image_size),),
+            ({0: torch.export.Dim("batch", min=1)},))
 
 
 def export_program(model, path):
     """torch.export's program, with a dynamic batch axis, saved as a .pt2 file (load with
     torch.export.load(path).module()), and its description in a .json beside it."""
     deployable = Deployable(model).eval()
-    program = torch.export.export(deployable, (example_batch(model),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    inputs, dynamic_shapes = export_inputs(model)
+    program = torch.export.export(deployable, inputs, dynamic_shapes=dynamic_shapes)
     torch.export.save(program, path)
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump(export_description(model), f, indent=1)
@@ -667,8 +669,8 @@ def export_program(model, path):
 
 
 def export_onnx(model, path):
-    """ONNX (opset 18, dynamic batch axis; input "images", output "outputs"); the description
-    (classes, task, input, outputs) in the file's metadata_props."""
+    """ONNX (torch's dynamo exporter, dynamic batch axis; input "images", output "outputs");
+    the description (classes, task, input, outputs) in the file's metadata_props."""
     try:
         import onnx
         import onnxscript  # noqa: F401  (torch's exporter needs it)
@@ -676,9 +678,9 @@ def export_onnx(model, path):
         raise SystemExit(f"error: ONNX export needs the {err.name} package: "
                          "pip install onnx onnxscript") from None
     deployable = Deployable(model).eval()
-    torch.onnx.export(deployable, (example_batch(model),), path, input_names=["images"],
-                      output_names=["outputs"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                      dynamo=True, external_data=False, verbose=False)
+    inputs, dynamic_shapes = export_inputs(model)
+    torch.onnx.export(deployable, inputs, path, input_names=["images"], output_names=["outputs"],
+                      dynamic_shapes=dynamic_shapes, dynamo=True, external_data=False, verbose=False)
     exported = onnx.load(path)
     for key, value in export_description(model).items():
         entry = exported.metadata_props.add()
