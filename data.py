@@ -77,6 +77,7 @@ class FaceData:
     cache_root: str = None         # --cache-dir: where prepared caches go (None: see cache_dir)
     fingerprints: dict = field(default_factory=dict, repr=False)  # split -> split_fingerprint
     labels: tuple = ("target",)    # what its samples carry: "target", "va", "au" (-1 / -5: missing)
+    note: str = None               # what a user must know about this copy's protocol (logged)
 
     def counts(self, split):
         """Samples per class (classification) in `split`."""
@@ -720,7 +721,12 @@ FER2013_SPLITS = {"Training": "train", "PublicTest": "val", "PrivateTest": "test
 
 
 def read_fer2013(root):
-    path = find(root, "fer2013.csv", "FER2013")
+    """The challenge's fer2013.csv where there is one, else the image-folder re-release."""
+    path = find(root, "fer2013.csv", "FER2013", required=False)
+    return read_fer2013_csv(path) if path else read_fer2013_folders(root)
+
+
+def read_fer2013_csv(path):
     splits = {s: [] for s in FER2013_SPLITS.values()}
     skipped = {s: Counter() for s in FER2013_SPLITS.values()}
     for usage, label, pixels in fer2013_rows(path):
@@ -734,7 +740,65 @@ def read_fer2013(root):
         else:
             splits[split].append(Sample(pixels, label))
     return FaceData("fer2013", "classify", FER2013_CLASSES, splits, skipped, "test", margin=0.0,
-                    region_layout=TIGHT_CROP_LAYOUT)
+                    region_layout=FER2013_LAYOUT)
+
+
+# The image-folder re-release that most people download: train/<class>/Training_<id>.jpg and
+# test/<class>/{PublicTest,PrivateTest}_<id>.jpg, the class folders named in lower case. The
+# file-name prefix is the challenge's Usage column, so it decides the split, and the classes
+# are mapped to the CSV's order: a checkpoint means the same whichever form it was trained on.
+# Other re-uploads drop the prefixes; their test folder is then the test split, and load()
+# holds a validation split out of train (FaceData.note says these are not the challenge's).
+FER2013_FOLDER_SPLITS = ("train", "val", "test")
+
+
+def read_fer2013_folders(root):
+    what = "FER2013 (fer2013.csv, or the folder release train/<class>/ and test/<class>/)"
+    base = os.path.dirname(os.path.dirname(find(root, os.path.join("train", "[Hh][Aa][Pp][Pp][Yy]"), what)))
+    index_of = {name.lower(): k for k, name in enumerate(FER2013_CLASSES)}
+    splits = {s: [] for s in FER2013_SPLITS.values()}
+    skipped = {s: Counter() for s in FER2013_SPLITS.values()}
+    for folder_split in FER2013_FOLDER_SPLITS:
+        directory = os.path.join(base, folder_split)
+        if not os.path.isdir(directory):
+            continue
+        for class_name in sorted(os.listdir(directory)):
+            folder = os.path.join(directory, class_name)
+            if not os.path.isdir(folder) or class_name == CACHE_FOLDER:
+                continue
+            for name in sorted(os.listdir(folder)):
+                split = FER2013_SPLITS.get(name.split("_", 1)[0], folder_split)
+                label = index_of.get(class_name.strip().lower())
+                problem = (f"unknown class folder {class_name!r}" if label is None else
+                           fer2013_image_problem(os.path.join(folder, name)))
+                if problem:
+                    skipped[split][problem] += 1
+                else:
+                    splits[split].append(Sample(os.path.join(folder, name), label))
+    splits = {s: samples for s, samples in splits.items() if samples or skipped[s]}
+    skipped = {s: skipped[s] for s in splits}
+    data = FaceData("fer2013", "classify", FER2013_CLASSES, splits, skipped, "test", margin=0.0,
+                    region_layout=FER2013_LAYOUT)
+    if "val" not in splits:
+        data.note = ("this FER2013 copy names no PublicTest/PrivateTest files: its test folder is "
+                     "the test split and a tenth of train (by file name) selects, so the figures "
+                     "are not the challenge's PrivateTest protocol")
+    return data
+
+
+def fer2013_image_problem(path):
+    """Why a file of the folder release is not a FER2013 face (None if it is one): FER2013's
+    faces are 48x48 grey. Reads the header only."""
+    if not path.lower().endswith(IMAGE_EXTENSIONS):
+        return "not an image file"
+    try:
+        with Image.open(path) as image:
+            size, mode = image.size, image.mode
+    except (OSError, ValueError, SyntaxError):
+        return "unreadable image"
+    if size != (48, 48) or mode != "L":
+        return "not a 48x48 grey image"
+    return None
 
 
 # FER+ (Microsoft's relabelling of FER2013): fer2013new.csv beside fer2013.csv, one row per
@@ -794,7 +858,7 @@ def read_ferplus(root):
             continue
         splits[split].append(Sample(image, label))
     return FaceData("ferplus", "classify", FERPLUS_CLASSES, splits, skipped, "test", margin=0.0,
-                    region_layout=TIGHT_CROP_LAYOUT)
+                    region_layout=FER2013_LAYOUT)  # FER2013's own faces
 
 
 RAFDB_CLASSES = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
@@ -1309,11 +1373,20 @@ ALIGNED_LAYOUT = ssl_tasks.five_point_layout(ALIGNED_112_FIVE_POINTS, 112, 112)
 # UTKFace's "*.jpg.chip.jpg" 200-px crops are named and sized as dlib's face chips, whose
 # default is size 200 with padding 0.2: the mean face's square grown by 20 % on every side.
 UTKFACE_LAYOUT = ssl_tasks.chip_layout(0.2)
-# FER2013 and CK+48 are tight detector crops without landmarks. On real crops of both (and of
-# UTKFace) the issue that moved the layout out of ssl_tasks reports the default boxes' brow band
-# (y 0.27-0.38) sitting on the eyes: an eye line near y 0.32. The mean face puts its eyes there
-# at padding 0.29, and that padding sets the other parts. An inference from that report, not a
-# measurement in this repository: check it with python data.py show.
+# FER2013's 48x48 crops, measured on its own faces: `python data.py layout --dataset fer2013
+# --data-root DIR --count 1000` (measure_face_layout: the mean face of 1,000 training faces
+# locates each part, then each face is matched against the mean face's patch around it).
+# Eye centres (0.314, 0.389) and (0.657, 0.389), nose tip (0.493, 0.561), mouth centre
+# (0.496, 0.781), as fractions of the crop; the mean face alone puts the eyes at y 0.368 and
+# the nose at 0.540. The quartiles over faces span about +-0.04 (2 px): the crops are tightly
+# centred, and 92-96 % of the faces match each part's patch (correlation >= 0.5); the rest are
+# the tilted, turned or covered ones.
+FER2013_FIVE_POINTS = ((0.3137, 0.389), (0.6573, 0.389), (0.4926, 0.5609), (0.3427, 0.7812),
+                       (0.6491, 0.7812))
+FER2013_LAYOUT = ssl_tasks.five_point_layout(FER2013_FIVE_POINTS)
+# CK+48 is a tight detector crop without landmarks too. Its layout is the mean face at
+# padding 0.29 (the eye line near y 0.32), an inference from crops of other datasets, not a
+# measurement on CK+48 (none is on this machine): python data.py layout / show check it.
 TIGHT_CROP_LAYOUT = ssl_tasks.chip_layout(0.29)
 # CelebA's aligned images, when list_landmarks_align_celeba.txt is missing: approximately the
 # means of that file (image-left eye first), in pixels of the 178x218 image.
@@ -2032,10 +2105,142 @@ def contact_sheet(data, path, split="train", size=128, count=12, level="weak", g
                 item for item in items if "error" not in item])}
 
 
+def reading_report(data):
+    """The lines a run logs about what its reader found: the copy's protocol note, and the
+    files or rows it skipped, by split and reason."""
+    lines = [f"note: {data.note}"] if data.note else []
+    for split, reasons in data.skipped.items():
+        if reasons:
+            lines.append(f"{data.name}/{split}: skipped " + ", ".join(
+                f"{count} ({reason})" for reason, count in sorted(reasons.items())))
+    return lines
+
+
+# Where the eyes, nose and mouth sit in a dataset of tight crops without landmarks (FER2013):
+# measured on its own faces rather than assumed. The mean face of many crops shows each part as
+# a dark (eyes, mouth) or bright (nose tip) blob; a patch of it around each part is then found
+# again in every face by normalised cross-correlation, which gives the spread over faces and
+# counts the faces where a part matches poorly (tilted, turned or occluded faces).
+FEATURE_WINDOWS = {  # where to look for each part in the mean face (fractions x0, y0, x1, y1)
+    "right_eye": (0.10, 0.20, 0.48, 0.55), "left_eye": (0.52, 0.20, 0.90, 0.55),
+    "mouth": (0.30, 0.62, 0.70, 0.95),
+}
+
+
+def grey_faces(data, split, size, count, seed=0):
+    """Up to `count` faces of `split`, drawn evenly at random, as (N, size, size) float grey."""
+    samples = data.splits[split]
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(len(samples), min(count, len(samples)), replace=False).tolist())
+    items = [item for item in FaceDataset(data, split, size, picked) if "error" not in item]
+    return np.stack([item["image"].float().mean(0).numpy() for item in items])
+
+
+def subpixel_extremum(values, y, x):
+    """(x, y) of a grid extremum refined by a parabola through it and its neighbours."""
+    def offset(minus, centre, plus):
+        curvature = minus - 2 * centre + plus
+        return 0.0 if curvature == 0 else 0.5 * (minus - plus) / curvature
+    h, w = values.shape
+    dx = offset(values[y, x - 1], values[y, x], values[y, x + 1]) if 0 < x < w - 1 else 0.0
+    dy = offset(values[y - 1, x], values[y, x], values[y + 1, x]) if 0 < y < h - 1 else 0.0
+    return x + dx, y + dy
+
+
+def mean_face_points(mean):
+    """Pixel (x, y) of the eyes and mouth (darkest against their surroundings, in their
+    windows) and the nose tip (brightest between the eye line and the mouth, near the middle
+    column) in a mean face. Against the surroundings: the mean face minus its blur over a fifth
+    of its side, so that a dark background at the border is not taken for an eye."""
+    size = mean.shape[0]
+
+    def box_blur(image, radius):
+        padded = np.pad(image, radius, mode="reflect")
+        side = 2 * radius + 1
+        return sum(padded[dy:dy + size, dx:dx + size] for dy in range(side) for dx in range(side)) / side ** 2
+
+    smooth = box_blur(mean, 1) - box_blur(mean, max(2, size // 10))
+
+    def extremum(window, darkest=True):
+        x0, y0, x1, y1 = (int(round(v * size)) for v in window)
+        part = smooth[y0:y1, x0:x1]
+        y, x = np.unravel_index(np.argmin(part) if darkest else np.argmax(part), part.shape)
+        px, py = subpixel_extremum(smooth, y + y0, x + x0)
+        return float(px), float(py)
+
+    points = {name: extremum(window) for name, window in FEATURE_WINDOWS.items()}
+    eye_y = (points["right_eye"][1] + points["left_eye"][1]) / 2
+    # the mouth is a horizontal band: its darkest point may lie anywhere along it, so its
+    # centre is taken on the face's axis, between the eyes
+    points["mouth"] = ((points["right_eye"][0] + points["left_eye"][0]) / 2, points["mouth"][1])
+    points["nose"] = extremum((0.40, (eye_y / size) + 0.10, 0.60, points["mouth"][1] / size - 0.08),
+                              darkest=False)
+    return points
+
+
+def match_points(faces, mean, points, patch=None, search=None):
+    """Each part's position in every face: the shift of the mean face's patch around it with
+    the highest normalised cross-correlation, within +-`search` pixels. Returns
+    {part: (positions (N, 2), peak correlation (N,))}."""
+    n, size, _ = faces.shape
+    patch = patch or max(5, size // 6)
+    search = search or max(2, size // 8)
+    found = {}
+    for name, (px, py) in points.items():
+        cx, cy = int(round(px)), int(round(py))
+        x0, y0 = cx - patch // 2, cy - patch // 2
+        template = mean[y0:y0 + patch, x0:x0 + patch]
+        template = (template - template.mean()) / (template.std() + 1e-6)
+        best = np.full(n, -np.inf)
+        where = np.zeros((n, 2))
+        for dy in range(-search, search + 1):
+            for dx in range(-search, search + 1):
+                if not (0 <= y0 + dy and y0 + dy + patch <= size and 0 <= x0 + dx and x0 + dx + patch <= size):
+                    continue
+                window = faces[:, y0 + dy:y0 + dy + patch, x0 + dx:x0 + dx + patch].reshape(n, -1)
+                window = (window - window.mean(1, keepdims=True)) / (window.std(1, keepdims=True) + 1e-6)
+                score = window @ template.reshape(-1) / template.size
+                better = score > best
+                best[better] = score[better]
+                where[better] = (px + dx, py + dy)
+        found[name] = (where, best)
+    return found
+
+
+def measure_face_layout(data, split="train", size=48, count=1000, seed=0, good=0.5):
+    """The five points (eye centres, nose tip, mouth corners; pixels of a size x size crop) of
+    `data`'s crops, measured on up to `count` faces: the median over the faces whose part
+    matched with correlation >= `good`. Also each part's mean-face position, quartiles and the
+    share of faces that matched. The mouth corners sit at +-0.446 eye distances from the mouth
+    centre (the mean face's proportion, ssl_tasks.MEAN_FACE_FIVE_POINTS); only their midpoint
+    places a region."""
+    faces = grey_faces(data, split, size, count, seed)
+    mean = faces.mean(0)
+    points = mean_face_points(mean)
+    report = {"faces": len(faces), "size": size, "parts": {}}
+    median = {}
+    for name, (where, peak) in match_points(faces, mean, points).items():
+        kept = where[peak >= good]
+        median[name] = np.median(kept, 0) if len(kept) else np.array(points[name])
+        report["parts"][name] = {
+            "mean_face": [round(v / size, 4) for v in points[name]],
+            "median": [round(float(v) / size, 4) for v in median[name]],
+            "quartiles": [[round(float(v) / size, 4) for v in np.percentile(kept[:, k], (25, 75))]
+                          for k in range(2)] if len(kept) else None,
+            "matched": round(float((peak >= good).mean()), 3)}
+    (rx, ry), (lx, ly) = median["right_eye"], median["left_eye"]
+    half_mouth = 0.446 * float(np.hypot(lx - rx, ly - ry))
+    mx, my = median["mouth"]
+    five = [(rx, ry), (lx, ly), tuple(median["nose"]), (mx - half_mouth, my), (mx + half_mouth, my)]
+    report["five_points"] = [[round(float(v) / size, 4) for v in p] for p in five]
+    return report
+
+
 def summarize(data, verify=False, size=64):
     """Per split: samples per class (by name) or angle ranges, skipped rows by reason; with
     `verify`, every image is also decoded and cropped (slow) and failures counted."""
-    report = {"dataset": data.name, "task": data.task, "classes": data.classes, "splits": {}}
+    report = {"dataset": data.name, "task": data.task, "classes": data.classes, "note": data.note,
+              "splits": {}}
     for split, samples in data.splits.items():
         entry = {"samples": len(samples), "skipped": dict(data.skipped.get(split, {}))}
         if data.task == "classify":
@@ -2065,6 +2270,8 @@ def summarize(data, verify=False, size=64):
 
 def print_summary(report):
     print(f"{report['dataset']} ({report['task']})")
+    if report.get("note"):
+        print(f"  note: {report['note']}")
     for split, entry in report["splits"].items():
         print(f"  {split}: {entry['samples']} samples, {entry['with_landmarks']} with landmarks")
         if "labelled_for" in entry:
@@ -2081,7 +2288,7 @@ def print_summary(report):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="HMTL datasets: check a copy, prepare a cache.")
-    parser.add_argument("command", choices=["summary", "prepare", "show"])
+    parser.add_argument("command", choices=["summary", "prepare", "show", "layout"])
     parser.add_argument("--dataset", required=True, choices=list(READERS))
     parser.add_argument("--data-root", help="the dataset's folder, as downloaded")
     parser.add_argument("--classes", type=int, help="protocol: AffectNet 8|7, CK+ 7|8")
@@ -2101,6 +2308,10 @@ def main(argv=None):
         if args.command == "summary":
             report = summarize(data, args.verify)
             print(json.dumps(report, indent=1)) if args.json else print_summary(report)
+            return report
+        if args.command == "layout":
+            report = measure_face_layout(data, size=args.size or 48, count=args.count)
+            print(json.dumps(report, indent=1))
             return report
         if args.command == "show":
             shown = contact_sheet(data, args.out or f"{args.dataset}-show.png",

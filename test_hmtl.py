@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import bench
 import data
@@ -871,6 +871,69 @@ def test_fer2013_csv(tmp_path):
     assert item["image"].shape == (3, 24, 24)
 
 
+FER2013_FOLDERS = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]  # as shipped
+
+
+def write_fer2013_folders(root, prefixes=True):
+    """The image-folder re-release: train/<class>/Training_<id>.jpg, test/<class>/PublicTest_<id>.jpg
+    and PrivateTest_<id>.jpg, 48x48 grey JPEGs; class k's faces have grey level 30 k."""
+    for k, name in enumerate(FER2013_FOLDERS):
+        for split, usage, count in (("train", "Training", 3), ("test", "PublicTest", 1),
+                                    ("test", "PrivateTest", 2)):
+            for i in range(count):
+                path = root / split / name / (f"{usage}_{k}{i}{len(usage)}.jpg" if prefixes else
+                                              f"{split}_{k}_{usage}_{i}.jpg")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("L", (48, 48), 30 * k).save(path)
+    return root
+
+
+def test_fer2013_folder_release_splits_by_prefix_in_the_challenge_class_order(tmp_path):
+    root = write_fer2013_folders(tmp_path / "fer2013")
+    Image.new("RGB", (48, 48)).save(root / "train" / "happy" / "Training_rgb.jpg")
+    Image.new("L", (64, 64)).save(root / "test" / "sad" / "PrivateTest_big.jpg")
+    (root / "test" / "sad" / "PrivateTest_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (root / "train" / "fear" / "Thumbs.db").write_bytes(b"x")
+    (root / "train" / "contempt").mkdir()
+    Image.new("L", (48, 48)).save(root / "train" / "contempt" / "Training_c.jpg")
+    for where in (root, tmp_path):  # the folder as unpacked, or its parent
+        d = data.load("fer2013", str(where))
+        assert d.classes == data.FER2013_CLASSES and d.note is None
+        assert d.counts("train") == [3] * 7 and d.counts("val") == [1] * 7 and d.counts("test") == [2] * 7
+        assert d.skipped == {"train": Counter({"not a 48x48 grey image": 1, "not an image file": 1,
+                                               "unknown class folder 'contempt'": 1}),
+                             "val": Counter(),
+                             "test": Counter({"not a 48x48 grey image": 1, "unreadable image": 1})}
+    # the folder "neutral" is class 6 and "sad" class 4, as in fer2013.csv's emotion column
+    by_folder = {os.path.basename(os.path.dirname(s.image)): s.target for s in d.splits["train"]}
+    assert by_folder == {"angry": 0, "disgust": 1, "fear": 2, "happy": 3, "sad": 4, "surprise": 5,
+                         "neutral": 6}
+    assert all(os.path.basename(s.image).startswith("PublicTest_") for s in d.splits["val"])
+    assert all(os.path.basename(s.image).startswith("PrivateTest_") for s in d.splits["test"])
+    item = data.FaceDataset(d, "train", 32)[0]
+    assert item["image"].shape == (3, 32, 32) and int(item["image"][0, 0, 0]) == 0
+    report = data.reading_report(d)
+    assert report == ["fer2013/train: skipped 1 (not a 48x48 grey image), 1 (not an image file), "
+                      "1 (unknown class folder 'contempt')",
+                      "fer2013/test: skipped 1 (not a 48x48 grey image), 1 (unreadable image)"]
+
+
+def test_fer2013_folders_without_prefixes_hold_out_val_and_say_so(tmp_path, capsys):
+    root = write_fer2013_folders(tmp_path / "FER-2013", prefixes=False)
+    (root / "train" / "Happy").mkdir()  # a re-upload with capitalised folder names
+    Image.new("L", (48, 48), 90).save(root / "train" / "Happy" / "im0.png")
+    d = data.load("fer2013", str(root))
+    assert "not the challenge's PrivateTest protocol" in d.note
+    assert len(d.splits["test"]) == 21 and d.counts("test") == [3] * 7  # both test files per class
+    assert len(d.splits["train"]) + len(d.splits["val"]) == 22 and d.counts("train")[3] + d.counts("val")[3] == 4
+    held = {os.path.basename(s.image) for s in d.splits["val"]}
+    assert held == {os.path.basename(s.image) for s in d.splits["train"] + d.splits["val"]
+                    if data.hash_bucket(os.path.basename(s.image)) == 0}
+    train.main(["--dataset", "fer2013", "--data-root", str(root), *TINY, "--max-steps", "1",
+                "--no-eval", "--out", str(tmp_path / "run")])
+    assert "note: this FER2013 copy names no PublicTest/PrivateTest files" in capsys.readouterr().out
+
+
 def test_rafdb_basic_and_plain_folders(tmp_path):
     basic = tmp_path / "basic"
     (basic / "EmoLabel").mkdir(parents=True)
@@ -1515,8 +1578,8 @@ def test_five_point_layouts_put_each_region_on_its_part():
 def test_every_dataset_supplies_its_own_region_layout(tmp_path, affectnet_root, request):
     """The masking's layout is the dataset's: its template or crop geometry where it has no
     landmarks, measured on its landmarks where it has them; the model masks with it."""
-    expected = {"utkface": data.UTKFACE_LAYOUT, "fer2013": data.TIGHT_CROP_LAYOUT,
-                "ferplus": data.TIGHT_CROP_LAYOUT, "ckplus48": data.TIGHT_CROP_LAYOUT,
+    expected = {"utkface": data.UTKFACE_LAYOUT, "fer2013": data.FER2013_LAYOUT,
+                "ferplus": data.FER2013_LAYOUT, "ckplus48": data.TIGHT_CROP_LAYOUT,
                 "rafdb": data.ALIGNED_LAYOUT, "affwild2": data.ALIGNED_LAYOUT}
     for name, layout in expected.items():
         folder = write_unpacked(name, tmp_path / name, request) if name != "affwild2" else \
@@ -1548,6 +1611,36 @@ def test_every_dataset_supplies_its_own_region_layout(tmp_path, affectnet_root, 
         x0, y0, x1, y1 = (torch.tensor(data.TIGHT_CROP_LAYOUT[r]) * 48).tolist()
         union[max(0, int(y0) - 3):int(y1) + 3, max(0, int(x0) - 3):int(x1) + 3] = 1
     assert mask.sum() > 0 and (mask[:, 0] * (1 - union)).sum() == 0  # masks only on the layout
+
+
+def test_face_layout_is_measured_where_the_parts_are(tmp_path):
+    """data.py layout on synthetic 48 px faces whose parts are drawn at known places (dark eyes
+    and mouth, a bright nose tip on a mid-grey face, each face shifted by up to 2 px, a few
+    faces blank): the measured points land within a pixel of the drawn ones."""
+    rng = np.random.default_rng(0)
+    eyes, nose, mouth = ((15, 19), (32, 19)), (24, 27), (24, 37)
+    for i in range(80):
+        image = Image.new("L", (48, 48), 120)
+        draw = ImageDraw.Draw(image)
+        dx, dy = rng.integers(-2, 3, 2)
+        if i % 20:  # every twentieth face shows no face at all
+            draw.ellipse((4 + dx, 2 + dy, 44 + dx, 47 + dy), fill=150)
+            for x, y in eyes:
+                draw.ellipse((x - 3 + dx, y - 2 + dy, x + 3 + dx, y + 2 + dy), fill=60)
+            draw.ellipse((nose[0] - 3 + dx, nose[1] - 2 + dy, nose[0] + 3 + dx, nose[1] + 2 + dy), fill=200)
+            draw.rectangle((mouth[0] - 7 + dx, mouth[1] - 1 + dy, mouth[0] + 7 + dx, mouth[1] + 1 + dy), fill=70)
+        path = tmp_path / "fer2013" / "train" / "happy" / f"Training_{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, quality=95)
+    faces = data.load("fer2013", str(tmp_path))  # no test folder: a tenth held out as val
+    report = data.measure_face_layout(faces, size=48, count=80)
+    assert report["faces"] == len(faces.splits["train"]) > 60
+    measured = {k: np.array(v["median"]) * 48 for k, v in report["parts"].items()}
+    for name, truth in (("right_eye", eyes[0]), ("left_eye", eyes[1]), ("nose", nose), ("mouth", mouth)):
+        assert np.abs(measured[name] - np.array(truth)).max() <= 1.0, (name, measured[name])
+        assert 0.85 <= report["parts"][name]["matched"] <= 0.96  # the blank faces do not match
+    five = np.array(report["five_points"]) * 48
+    assert np.allclose(five[3:, 1], measured["mouth"][1]) and np.allclose(five[3:, 0].mean(), measured["mouth"][0])
 
 
 @pytest.fixture(scope="module")

@@ -324,6 +324,9 @@ def build_data(config, args, data_root, seed, rank=0, world=1, device=torch.devi
         faces = data.load(config["dataset"], data_root, config["classes"], args.cache_dir)
     except data.DatasetError as err:
         raise SystemExit(f"error: {err}") from None
+    if main_process:
+        for line in data.reading_report(faces):
+            print(line, flush=True)
     if "train" not in faces.splits:
         raise SystemExit(f"error: {faces.name} has no training split"
                          + (" (CK+ is evaluated: python eval.py --dataset ckplus --checkpoint ...)"
