@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -478,6 +479,129 @@ def smoke():
     return tests, rows
 
 
+# ----------------------------------------------------------------------------------------------
+# FER2013: the recipes chosen on PublicTest, then the paper's comparison, in one command that
+# keeps a GPU busy with several runs at once (train.run_processes). Every run is train.py itself,
+# into its own folder; a rerun reuses finished runs and resumes stopped ones. The SL settings
+# are chosen one factor at a time around a base, each factor at its best level on PublicTest
+# (best validation accuracy of the run); then lambda and the view, with one grid for both
+# pretext tasks. The comparison's cells are written where `train.py --compare` looks for them.
+
+FER2013_BASE = dict(image_size=48, batch_size=64, lr=1e-3, warmup_epochs=1, augment="weak",
+                    imbalance="none", dropout=0.2, stochastic_depth=0.2)
+FER2013_SL_GRID = [("image_size", 64), ("augment", "none"), ("augment", "strong"), ("lr", 3e-3),
+                   ("lr", 3e-4), ("imbalance", "weights"), ("dropout", 0.0)]
+FER2013_SSL_GRID = [dict(lambda_ssl=lam, view=view) for lam in (0.3, 1.0) for view in ("shared", "separate")]
+
+
+def fer2013_flags(root, settings, epochs, fraction, ssl, seed, folder, cache_dir=None, workers=2):
+    """train.py's command line for one run: every chosen setting spelled out."""
+    settings = dict(settings)
+    if settings.get("dropout") == 0.0:  # dropout and stochastic depth switched off together
+        settings["stochastic_depth"] = 0.0
+    flags = ["--dataset", "fer2013", "--data-root", root, "--epochs", str(epochs), "--ssl", ssl,
+             "--train-fraction", str(fraction), "--seed", str(seed), "--out", folder, "--workers", str(workers)]
+    for key, value in settings.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags + (["--cache-dir", cache_dir] if cache_dir else [])
+
+
+def best_validation(folder):
+    """The best validation accuracy of a finished run (what best.pt is selected by), or None."""
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        scores = [json.loads(line)["accuracy"] for line in f if '"kind": "val"' in line]
+    return max(scores) if scores else None
+
+
+def fer2013(argv=None):
+    import train
+    parser = argparse.ArgumentParser(description="FER2013: choose the recipes on PublicTest, then "
+                                                 "run the comparison (SL, puzzle, in-painting)")
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--out", default="runs/fer2013-bench")
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--jobs", type=int, default=6, help="runs at once")
+    parser.add_argument("--workers", type=int, default=2, help="data loading processes per run")
+    parser.add_argument("--minutes", type=float, help="stop starting runs, and stop running ones, "
+                                                      "after this long (they resume on a rerun)")
+    parser.add_argument("--epochs-20pct", type=int, default=20)
+    parser.add_argument("--epochs-full", type=int, default=15)
+    parser.add_argument("--full-seeds", type=int, default=3)
+    args = parser.parse_args(argv)
+    deadline = time.time() + args.minutes * 60 if args.minutes else None
+    here = os.path.dirname(os.path.abspath(__file__))
+    command = [sys.executable, os.path.join(here, "train.py")]
+    import data
+    faces = data.load("fer2013", args.data_root, cache_root=args.cache_dir)
+    for size in sorted({48, *(v for k, v in FER2013_SL_GRID if k == "image_size")}):
+        began = time.perf_counter()
+        data.prepare(faces, args.data_root, size, progress=lambda line: None)
+        print(f"prepared the {size} px cache in {time.perf_counter() - began:.1f} s", flush=True)
+
+    def run(named):  # {name: flags}: train them, `jobs` at a time; {name: folder}
+        jobs = [(command + flags, flags[flags.index("--out") + 1]) for flags in named.values()]
+        jobs = [job for job in jobs if train.final_test(job[1]) is None]
+        began = time.perf_counter()
+        train.run_processes(jobs, args.jobs, deadline)
+        print(f"{len(jobs)} runs in {time.perf_counter() - began:.0f} s", flush=True)
+        return {name: flags[flags.index("--out") + 1] for name, flags in named.items()}
+
+    grid = os.path.join(args.out, "grid")
+    sl_runs = {"base": FER2013_BASE, **{f"{k}={v}": {**FER2013_BASE, k: v} for k, v in FER2013_SL_GRID}}
+    folders = run({name: fer2013_flags(args.data_root, s, args.epochs_20pct, 0.2, "none", 0,
+                                       os.path.join(grid, f"sl-{name}"), args.cache_dir, args.workers)
+                   for name, s in sl_runs.items()})
+    scores = {name: best_validation(folder) for name, folder in folders.items()}
+    chosen = dict(FER2013_BASE)
+    for key in dict(FER2013_SL_GRID):  # each factor at its best level, the base's if none beats it
+        levels = [("base", FER2013_BASE[key])] + [(f"{k}={v}", v) for k, v in FER2013_SL_GRID if k == key]
+        best = max(levels, key=lambda level: scores[level[0]] if scores[level[0]] is not None else -1)
+        chosen[key] = best[1]
+    print(json.dumps({"sl_grid": scores, "chosen": chosen}), flush=True)
+
+    ssl_names = {f"{ssl}-lambda{g['lambda_ssl']}-{g['view']}": (ssl, g)
+                 for ssl in ("puzzle", "inpaint") for g in FER2013_SSL_GRID}
+    folders = run({name: fer2013_flags(args.data_root, {**chosen, **g}, args.epochs_20pct, 0.2, ssl, 0,
+                                       os.path.join(grid, name), args.cache_dir, args.workers)
+                   for name, (ssl, g) in ssl_names.items()})
+    ssl_scores = {name: best_validation(folder) for name, folder in folders.items()}
+    pretext = {}
+    for ssl in ("puzzle", "inpaint"):
+        mine = {name: s for name, s in ssl_scores.items() if name.startswith(ssl) and s is not None}
+        pretext[ssl] = ssl_names[max(mine, key=mine.get)][1] if mine else FER2013_SSL_GRID[0]
+    print(json.dumps({"ssl_grid": ssl_scores, "pretext": pretext}), flush=True)
+
+    compare = os.path.join(args.out, "compare")
+    cells = {}
+    for fraction, epochs, seeds in ((0.2, args.epochs_20pct, train.COMPARE_SEEDS),
+                                    (1.0, args.epochs_full, train.COMPARE_SEEDS[:1]),
+                                    (1.0, args.epochs_full, train.COMPARE_SEEDS[1:args.full_seeds])):
+        for seed in seeds:
+            for ssl in train.COMPARE_VARIANTS.values():
+                folder = os.path.join(compare, f"{ssl}-{int(fraction * 100)}pct-seed{seed}")
+                cells[folder] = fer2013_flags(args.data_root, {**chosen, **pretext.get(ssl, {})},
+                                              epochs, fraction, ssl, seed, folder, args.cache_dir,
+                                              args.workers)
+    run(cells)
+    results = {os.path.basename(folder): train.final_test(folder) for folder in cells}
+    summary = {"torch": torch.__version__, "device": describe_device(), "sl_grid": scores,
+               "chosen": chosen, "ssl_grid": ssl_scores, "pretext": pretext,
+               "epochs": {"20pct": args.epochs_20pct, "full": args.epochs_full},
+               "test": {name: r and {"accuracy": r["accuracy"], "macro_f1": r.get("macro_f1")}
+                        for name, r in results.items()}}
+    with open(os.path.join(args.out, "fer2013.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps(summary, indent=1), flush=True)
+    return summary
+
+
+def describe_device():
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -545,6 +669,8 @@ def main(argv=None):
                         help="channels_last memory format (default: on for CUDA, off for CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    if (argv if argv is not None else sys.argv[1:])[:1] == ["fer2013"]:
+        return fer2013((argv if argv is not None else sys.argv[1:])[1:])
     args = parser.parse_args(argv)
     if args.parts == ["smoke"]:
         return smoke()

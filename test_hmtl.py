@@ -1613,6 +1613,51 @@ def test_every_dataset_supplies_its_own_region_layout(tmp_path, affectnet_root, 
     assert mask.sum() > 0 and (mask[:, 0] * (1 - union)).sum() == 0  # masks only on the layout
 
 
+def test_fer2013_bench_chooses_on_publictest_and_its_cells_are_what_compare_reads(tmp_path, monkeypatch):
+    """bench.py fer2013 on a small copy of the folder release: the SL grid and the pretext grid
+    (seed 0, 20 %), each factor chosen by its best validation accuracy, then every cell of the
+    comparison, trained by train.py in parallel processes. `train.py --compare` with recipes
+    holding the chosen values reads those cells back without training anything."""
+    root = tmp_path / "fer2013"
+    for k, name in enumerate(FER2013_FOLDERS):
+        for split, usage, count in (("train", "Training", 10), ("test", "PublicTest", 2),
+                                    ("test", "PrivateTest", 2)):
+            for i in range(count):
+                path = root / split / name / f"{usage}_{k}_{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("L", (48, 48), 30 * k + i).save(path)
+    monkeypatch.setattr(bench, "FER2013_BASE", dict(
+        image_size=32, batch_size=4, lr=2e-3, warmup_epochs=0.5, augment="none", imbalance="none",
+        dropout=0.0, stochastic_depth=0.0))
+    monkeypatch.setattr(bench, "FER2013_SL_GRID", [("lr", 5e-3)])
+    monkeypatch.setattr(bench, "FER2013_SSL_GRID", [dict(lambda_ssl=0.3, view="separate")])
+    monkeypatch.setattr(train, "COMPARE_SEEDS", (0,))
+    out = tmp_path / "bench"
+    summary = bench.fer2013(["--data-root", str(root), "--out", str(out), "--jobs", "2", "--workers", "0",
+                             "--epochs-20pct", "1", "--epochs-full", "1", "--full-seeds", "1",
+                             "--cache-dir", str(tmp_path / "cache")])
+    assert set(summary["sl_grid"]) == {"base", "lr=0.005"} and None not in summary["sl_grid"].values()
+    best_lr = max([("base", 2e-3), ("lr=0.005", 5e-3)], key=lambda kv: summary["sl_grid"][kv[0]])[1]
+    assert summary["chosen"]["lr"] == best_lr
+    assert summary["pretext"] == {"puzzle": dict(lambda_ssl=0.3, view="separate"),
+                                  "inpaint": dict(lambda_ssl=0.3, view="separate")}
+    assert len(summary["test"]) == 6 and all(r and 0 <= r["accuracy"] <= 1 for r in summary["test"].values())
+    config = json.loads((out / "compare" / "inpaint-20pct-seed0" / "config.json").read_text())
+    assert config["view"] == "separate" and config["train_fraction"] == 0.2 and config["run"]["torch"] == torch.__version__
+    chosen = {**summary["chosen"], "epochs": 1}
+    recipes = {f"fer2013-{pct}{name}": {**chosen, "dataset": "fer2013", **variant}
+               for pct in ("", "20pct-") for name, variant in
+               (("sl", dict(ssl="none")), ("puzzle", dict(ssl="puzzle", lambda_ssl=0.3, view="separate")),
+                ("inpaint", dict(ssl="inpaint", lambda_ssl=0.3, view="separate")))}
+    monkeypatch.setattr(hmtl, "RECIPES", {**hmtl.RECIPES, **recipes})
+    monkeypatch.setattr(train, "main", lambda *a, **k: pytest.fail("--compare retrained a finished cell"))
+    table = train.compare(["--dataset", "fer2013", "--data-root", str(root), "--compare",
+                           "--out", str(out / "compare")])
+    assert len(table["runs"]) == 6 and table["trained_with"] == [f"torch {torch.__version__} on "
+                                                                   f"{config['run']['device_name']}"]
+    assert set(table["table_macro_f1"]) == {"full", "20 %"}
+
+
 def test_face_layout_is_measured_where_the_parts_are(tmp_path):
     """data.py layout on synthetic 48 px faces whose parts are drawn at known places (dark eyes
     and mouth, a bright nose tip on a mid-grey face, each face shifted by up to 2 px, a few

@@ -20,6 +20,7 @@ import datetime
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import time
@@ -120,14 +121,22 @@ def parse_args(argv=None):
     add("--compare", action="store_true",
         help="the paper's comparison in miniature: SL, puzzle and in-painting on the full and "
              "a 20%% training set, 3 seeds each; a table, compare.json and compare.png")
+    add("--jobs", type=int, default=1,
+        help="--compare: runs trained at once, each its own process (small models leave a GPU "
+             "mostly idle; several runs share it)")
     return p.parse_args(argv)
 
 
 def resolve_config(args):
     """DEFAULTS <- recipe <- explicit flags. The demo picks its tiny recipe by itself."""
     name = args.recipe
+    ssl = "sl" if args.ssl in (None, "none") else args.ssl
     if name is None and args.dataset == "demo":
-        name = f"demo-{'sl' if args.ssl in (None, 'none') else args.ssl}"
+        name = f"demo-{ssl}"
+    if name is None and args.dataset == "fer2013":  # the recipes chosen on PublicTest
+        low_data = args.train_fraction is not None and args.train_fraction < 1
+        name = f"fer2013-{'20pct-' if low_data else ''}{ssl}"
+        name = name if name in hmtl.RECIPES else None
     config = hmtl.recipe(name) if name else dict(hmtl.DEFAULTS)
     for key in hmtl.DEFAULTS:
         value = getattr(args, key, None)
@@ -560,6 +569,9 @@ def main(argv=None, on_step=None):
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({**config, "run": {**{k: v for k, v in vars(args).items()
                                             if k not in hmtl.DEFAULTS}, "seed": seed,
+                                         "torch": torch.__version__,
+                                         "device_name": torch.cuda.get_device_name(device)
+                                         if device.type == "cuda" else platform.processor() or platform.machine(),
                                          "region_layout": built.region_layout}}, f, indent=1)
     if "au" in faces.labels:  # MTL frames carry any subset of the three tasks' labels
         log(f"{faces.name} training frames labelled per task: "
@@ -851,25 +863,32 @@ def compare(argv):
     print(f"comparing {', '.join(COMPARE_VARIANTS)} on {' and '.join(COMPARE_DATA)} of the "
           f"training set, seeds {', '.join(map(str, COMPARE_SEEDS))}: {len(cells)} runs into {out}",
           flush=True)
-    for k, (name, variant, fraction, seed) in enumerate(cells, 1):
-        folder = os.path.join(out, f"{COMPARE_VARIANTS[variant]}-{int(fraction * 100)}pct-seed{seed}")
+    def cell_flags(variant, fraction, seed, folder):
         run_flags = [*flags, "--ssl", COMPARE_VARIANTS[variant], "--seed", str(seed),
                      "--train-fraction", str(fraction), "--out", folder]
-        check_same_settings(folder, resolve_config(parse_args(run_flags)), seed)
+        last = os.path.join(folder, "last.pt")
+        return run_flags + (["--resume", last] if os.path.exists(last) else [])
+
+    folders = [os.path.join(out, f"{COMPARE_VARIANTS[v]}-{int(f * 100)}pct-seed{s}") for _, v, f, s in cells]
+    for (_, variant, fraction, seed), folder in zip(cells, folders):
+        check_same_settings(folder, resolve_config(parse_args(cell_flags(variant, fraction, seed, folder))), seed)
+    if args.jobs > 1:  # the unfinished cells in parallel processes, then the table as below
+        todo = [(cell, folder) for cell, folder in zip(cells, folders) if final_test(folder) is None]
+        print(f"{len(todo)} runs to train, {args.jobs} at a time", flush=True)
+        run_processes([([sys.executable, os.path.abspath(__file__), *cell_flags(v, f, s, folder)], folder)
+                       for (_, v, f, s), folder in todo], args.jobs)
+    for k, ((name, variant, fraction, seed), folder) in enumerate(zip(cells, folders), 1):
         result = final_test(folder)
         began, reused = time.perf_counter(), result is not None
-        if result is None:
-            last = os.path.join(folder, "last.pt")
-            if os.path.exists(last):
-                run_flags += ["--resume", last]
+        if result is None and args.jobs == 1:
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, "train.log"), "a") as log_file, \
                     contextlib.redirect_stdout(log_file):
-                main(run_flags)
+                main(cell_flags(variant, fraction, seed, folder))
             result = final_test(folder)
-            if result is None:  # Ctrl-C / SIGTERM: the run saved last.pt and returned
-                raise SystemExit(f"stopped in run {k}/{len(cells)} ({folder}); run the same "
-                                 f"command again to continue")
+        if result is None:  # Ctrl-C / SIGTERM: the run saved last.pt and returned
+            raise SystemExit(f"stopped in run {k}/{len(cells)} ({folder}); run the same "
+                             f"command again to continue")
         runs.append({"data": name, "variant": variant, "seed": seed, "fraction": fraction,
                      "accuracy": result["accuracy"], "macro_f1": result.get("macro_f1"),
                      "seconds": None if reused else round(time.perf_counter() - began, 1),
@@ -878,27 +897,77 @@ def compare(argv):
         took = "finished earlier" if reused else format_duration(runs[-1]["seconds"])
         print(f"[{k}/{len(cells)}] {name:>5} {variant:<12} seed {seed}: test accuracy "
               f"{result['accuracy']:.4f} ({took}; {format_duration(elapsed)} so far)", flush=True)
-    table = {name: {variant: mean_std([r["accuracy"] for r in runs
-                                       if r["data"] == name and r["variant"] == variant])
-                    for variant in COMPARE_VARIANTS} for name in COMPARE_DATA}
+    def table_of(metric):
+        return {name: {variant: mean_std([r[metric] for r in runs
+                                          if r["data"] == name and r["variant"] == variant])
+                       for variant in COMPARE_VARIANTS} for name in COMPARE_DATA}
+
+    table = table_of("accuracy")
+    f1_table = table_of("macro_f1") if all(r["macro_f1"] is not None for r in runs) else None
     width = max(map(len, COMPARE_VARIANTS))
-    print(f"\ntest accuracy, mean +- std over seeds {', '.join(map(str, COMPARE_SEEDS))}")
-    print(" " * (width + 2) + "".join(f"{name:>18}" for name in COMPARE_DATA))
-    for variant in COMPARE_VARIANTS:
-        print(f"  {variant:<{width}}" + "".join(
-            f"{table[name][variant][0]:>11.4f} +- {table[name][variant][1]:.4f}"[-18:].rjust(18)
-            for name in COMPARE_DATA))
-    summary = {"torch": torch.__version__, "flags": flags, "seeds": list(COMPARE_SEEDS),
+    for title, shown in (("accuracy", table), ("macro-F1", f1_table)):
+        if shown is None:
+            continue
+        print(f"\ntest {title}, mean +- std over seeds {', '.join(map(str, COMPARE_SEEDS))}")
+        print(" " * (width + 2) + "".join(f"{name:>18}" for name in COMPARE_DATA))
+        for variant in COMPARE_VARIANTS:
+            print(f"  {variant:<{width}}" + "".join(
+                f"{shown[name][variant][0]:>11.4f} +- {shown[name][variant][1]:.4f}"[-18:].rjust(18)
+                for name in COMPARE_DATA))
+    trained_with = sorted({f"torch {r['torch']} on {r['device_name']}" for r in map(run_info, folders)
+                           if r.get("torch")})  # the runs' own, which may be another machine's
+    summary = {"torch": torch.__version__, "trained_with": trained_with, "flags": flags,
+               "seeds": list(COMPARE_SEEDS),
                "data": COMPARE_DATA, "variants": COMPARE_VARIANTS, "runs": runs,
                "table": {name: {variant: {"mean": m, "std": s} for variant, (m, s) in row.items()}
-                         for name, row in table.items()}}
+                         for name, row in table.items()},
+               "table_macro_f1": f1_table and {
+                   name: {variant: {"mean": m, "std": s} for variant, (m, s) in row.items()}
+                   for name, row in f1_table.items()}}
     with open(os.path.join(out, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)
     evaluation.bars_png(table, os.path.join(out, "compare.png"),
                         f"{args.dataset or 'demo'}: test accuracy, mean +- std over "
-                        f"{len(COMPARE_SEEDS)} seeds (torch {torch.__version__})")
+                        f"{len(COMPARE_SEEDS)} seeds ({'; '.join(trained_with) or 'torch ' + torch.__version__})")
     print(f"wrote {os.path.join(out, 'compare.json')} and compare.png", flush=True)
     return summary
+
+
+def run_processes(jobs, at_once, deadline=None):
+    """Run (command, folder) jobs, `at_once` at a time, each with its output appended to
+    folder/train.log. At `deadline` (time.time()), the running ones are sent SIGTERM (each saves
+    last.pt and stops; the same command resumes it) and no new one starts; so does Ctrl-C.
+    Returns the folders whose process ended with status 0."""
+    import subprocess
+    waiting, running, done = list(jobs), [], []
+    try:
+        while waiting or running:
+            while waiting and len(running) < at_once and (deadline is None or time.time() < deadline):
+                command, folder = waiting.pop(0)
+                os.makedirs(folder, exist_ok=True)
+                log = open(os.path.join(folder, "train.log"), "a")
+                running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), folder, log))
+            if deadline is not None and time.time() >= deadline and waiting is not None:
+                waiting = None  # once: a second signal would make a run leave without saving
+                for process, _, _ in running:
+                    process.send_signal(signal.SIGTERM)
+            for entry in list(running):
+                process, folder, log = entry
+                if process.poll() is not None:
+                    log.close()
+                    running.remove(entry)
+                    if process.returncode == 0:
+                        done.append(folder)
+                    print(f"{folder}: {'finished' if process.returncode == 0 else f'ended with status {process.returncode}'}",
+                          flush=True)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        for process, _, _ in running:
+            process.send_signal(signal.SIGTERM)
+        for process, _, _ in running:
+            process.wait()
+        raise
+    return done
 
 
 def check_same_settings(folder, config, seed):
@@ -909,13 +978,24 @@ def check_same_settings(folder, config, seed):
         return
     with open(path) as f:
         saved = json.load(f)
-    differ = [f"{k}={saved.get(k)!r} (now {config[k]!r})" for k in [*hmtl.DEFAULTS, "recipe"]
+    # the settings themselves, not the recipe's name: a run trained with the same values
+    # spelled out as flags (bench.py fer2013) is the same experiment
+    differ = [f"{k}={saved.get(k)!r} (now {config[k]!r})" for k in hmtl.DEFAULTS
               if saved.get(k) != config[k]]
     if saved.get("run", {}).get("seed") != seed:
         differ.append(f"seed={saved.get('run', {}).get('seed')!r} (now {seed})")
     if differ:
         raise SystemExit(f"error: {folder} was trained with {', '.join(differ)}; move it away "
                          f"or give --compare another --out")
+
+
+def run_info(folder):
+    """The "run" entry of a run folder's config.json ({} if none)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get("run", {})
 
 
 def final_test(folder):
