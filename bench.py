@@ -530,20 +530,25 @@ def fer2013(argv=None):
     parser.add_argument("--epochs-20pct", type=int, default=20)
     parser.add_argument("--epochs-full", type=int, default=15)
     parser.add_argument("--full-seeds", type=int, default=3)
+    parser.add_argument("--phases", nargs="+", default=["sl", "ssl", "compare"],
+                        choices=["sl", "ssl", "compare"],
+                        help="stop after the SL grid (sl), the pretext grid (ssl) or the comparison; "
+                             "a later phase reads the finished runs of the earlier ones")
     args = parser.parse_args(argv)
+    last_phase = ["sl", "ssl", "compare"].index(args.phases[-1])
     deadline = time.time() + args.minutes * 60 if args.minutes else None
     here = os.path.dirname(os.path.abspath(__file__))
     command = [sys.executable, os.path.join(here, "train.py")]
     import data
     faces = data.load("fer2013", args.data_root, cache_root=args.cache_dir)
-    for size in sorted({48, *(v for k, v in FER2013_SL_GRID if k == "image_size")}):
-        began = time.perf_counter()
-        data.prepare(faces, args.data_root, size, progress=lambda line: None)
-        print(f"prepared the {size} px cache in {time.perf_counter() - began:.1f} s", flush=True)
 
     def run(named):  # {name: flags}: train them, `jobs` at a time; {name: folder}
         jobs = [(command + flags, flags[flags.index("--out") + 1]) for flags in named.values()]
         jobs = [job for job in jobs if train.final_test(job[1]) is None]
+        for size in sorted({int(command[command.index("--image-size") + 1]) for command, _ in jobs}):
+            began = time.perf_counter()  # once, before the runs that would each build it
+            data.prepare(faces, args.data_root, size, progress=lambda line: None)
+            print(f"the {size} px cache: {time.perf_counter() - began:.1f} s", flush=True)
         began = time.perf_counter()
         train.run_processes(jobs, args.jobs, deadline)
         print(f"{len(jobs)} runs in {time.perf_counter() - began:.0f} s", flush=True)
@@ -561,6 +566,8 @@ def fer2013(argv=None):
         best = max(levels, key=lambda level: scores[level[0]] if scores[level[0]] is not None else -1)
         chosen[key] = best[1]
     print(json.dumps({"sl_grid": scores, "chosen": chosen}), flush=True)
+    if last_phase == 0:
+        return {"sl_grid": scores, "chosen": chosen}
 
     ssl_names = {f"{ssl}-lambda{g['lambda_ssl']}-{g['view']}": (ssl, g)
                  for ssl in ("puzzle", "inpaint") for g in FER2013_SSL_GRID}
@@ -573,6 +580,8 @@ def fer2013(argv=None):
         mine = {name: s for name, s in ssl_scores.items() if name.startswith(ssl) and s is not None}
         pretext[ssl] = ssl_names[max(mine, key=mine.get)][1] if mine else FER2013_SSL_GRID[0]
     print(json.dumps({"ssl_grid": ssl_scores, "pretext": pretext}), flush=True)
+    if last_phase == 1:
+        return {"sl_grid": scores, "chosen": chosen, "ssl_grid": ssl_scores, "pretext": pretext}
 
     compare = os.path.join(args.out, "compare")
     cells = {}

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 import types
 import urllib.error
 import warnings
@@ -1611,6 +1612,25 @@ def test_every_dataset_supplies_its_own_region_layout(tmp_path, affectnet_root, 
         x0, y0, x1, y1 = (torch.tensor(data.TIGHT_CROP_LAYOUT[r]) * 48).tolist()
         union[max(0, int(y0) - 3):int(y1) + 3, max(0, int(x0) - 3):int(x1) + 3] = 1
     assert mask.sum() > 0 and (mask[:, 0] * (1 - union)).sum() == 0  # masks only on the layout
+
+
+def test_run_processes_stops_at_the_deadline_and_starts_nothing_after_it(tmp_path, capsys):
+    """train.run_processes: a job that writes its final test line is finished; one still
+    running at the deadline gets SIGTERM once (a run saves last.pt and returns 0: stopped, not
+    finished); a job still waiting then never starts."""
+    finish = ("import json, os, sys; open(os.path.join(sys.argv[1], 'metrics.jsonl'), 'w')"
+              ".write(json.dumps({'kind': 'test', 'accuracy': 1.0}))")
+    linger = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
+              "print('started', flush=True); time.sleep(60)")
+    jobs = [([sys.executable, "-c", finish, str(tmp_path / "a")], str(tmp_path / "a")),
+            ([sys.executable, "-c", linger], str(tmp_path / "b")),
+            ([sys.executable, "-c", linger], str(tmp_path / "c"))]
+    began = time.time()
+    done = train.run_processes(jobs, 1, deadline=time.time() + 4)
+    assert done == [str(tmp_path / "a")] and time.time() - began < 30
+    assert "started" in (tmp_path / "b" / "train.log").read_text() and not (tmp_path / "c").exists()
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'a'}: finished" in out and f"{tmp_path / 'b'}: stopped; it resumes on a rerun" in out
 
 
 def test_fer2013_bench_chooses_on_publictest_and_its_cells_are_what_compare_reads(tmp_path, monkeypatch):

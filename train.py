@@ -579,7 +579,8 @@ def main(argv=None, on_step=None):
     counts = prepared.counts
     log(f"{faces.name}: {len(prepared.train_set)} training samples"
         + (f" ({', '.join(f'{c} {n}' for c, n in zip(faces.classes, counts.tolist()))})" if counts is not None else "")
-        + f"; {config['ssl']} pretext, EfficientNet-{config['arch'].upper()}, "
+        + f"; {'recipe ' + config['recipe'] + ', ' if config['recipe'] else ''}"
+          f"{config['ssl']} pretext, EfficientNet-{config['arch'].upper()}, "
           f"{config['image_size']} px, batch {config['batch_size']} x {world}, {config['epochs']} "
           f"epochs of {prepared.steps_per_epoch} steps; "
           f"{'AMP ' + str(built.dtype).split('.')[-1] if built.dtype else 'float32'} on {device}; out {out}")
@@ -956,9 +957,11 @@ def run_processes(jobs, at_once, deadline=None):
                 if process.poll() is not None:
                     log.close()
                     running.remove(entry)
-                    if process.returncode == 0:
-                        done.append(folder)
-                    print(f"{folder}: {'finished' if process.returncode == 0 else f'ended with status {process.returncode}'}",
+                    finished = process.returncode == 0 and final_test(folder) is not None
+                    done += [folder] if finished else []
+                    print(f"{folder}: " + ("finished" if finished else "stopped; it resumes on a rerun"
+                                           if process.returncode == 0 else
+                                           f"ended with status {process.returncode} (see its train.log)"),
                           flush=True)
             time.sleep(0.5)
     except KeyboardInterrupt:
