@@ -541,10 +541,13 @@ def fer2013(argv=None):
     command = [sys.executable, os.path.join(here, "train.py")]
     import data
     faces = data.load("fer2013", args.data_root, cache_root=args.cache_dir)
+    os.makedirs(args.out, exist_ok=True)
 
     def run(named):  # {name: flags}: train them, `jobs` at a time; {name: folder}
         jobs = [(command + flags, flags[flags.index("--out") + 1]) for flags in named.values()]
         jobs = [job for job in jobs if train.final_test(job[1]) is None]
+        if deadline is not None and time.time() >= deadline:
+            jobs = []
         for size in sorted({int(command[command.index("--image-size") + 1]) for command, _ in jobs}):
             began = time.perf_counter()  # once, before the runs that would each build it
             data.prepare(faces, args.data_root, size, progress=lambda line: None)

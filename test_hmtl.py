@@ -1614,6 +1614,19 @@ def test_every_dataset_supplies_its_own_region_layout(tmp_path, affectnet_root, 
     assert mask.sum() > 0 and (mask[:, 0] * (1 - union)).sum() == 0  # masks only on the layout
 
 
+def test_fer2013_trains_with_its_recipes_unless_told_otherwise():
+    """--dataset fer2013 takes the recipe chosen on PublicTest for its pretext task and data
+    fraction (as the demo does); an explicit flag still wins."""
+    for flags, name in (([], "fer2013-sl"), (["--ssl", "inpaint"], "fer2013-inpaint"),
+                        (["--ssl", "puzzle", "--train-fraction", "0.2"], "fer2013-20pct-puzzle")):
+        config = train.resolve_config(train.parse_args(["--dataset", "fer2013", *flags]))
+        assert config["recipe"] == name and config["train_fraction"] == hmtl.RECIPES[name].get("train_fraction", 1.0)
+        assert {k: config[k] for k in hmtl.RECIPES[name]} == hmtl.RECIPES[name]
+    config = train.resolve_config(train.parse_args(["--dataset", "fer2013", "--lr", "0.05"]))
+    assert config["lr"] == 0.05 and config["epochs"] == hmtl.RECIPES["fer2013-sl"]["epochs"]
+    assert train.resolve_config(train.parse_args(["--dataset", "rafdb"]))["recipe"] is None
+
+
 def test_run_processes_stops_at_the_deadline_and_starts_nothing_after_it(tmp_path, capsys):
     """train.run_processes: a job that writes its final test line is finished; one still
     running at the deadline gets SIGTERM once (a run saves last.pt and returns 0: stopped, not
