@@ -40,6 +40,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -587,6 +588,16 @@ def fer2013(argv=None):
         return {"sl_grid": scores, "chosen": chosen, "ssl_grid": ssl_scores, "pretext": pretext}
 
     compare = os.path.join(args.out, "compare")
+    # the grid's seed-0 runs at 20 % of the chosen settings are those cells already: copied, not
+    # trained again (train.py --compare accepts a run by its settings)
+    grid_runs = {"none": next((os.path.join(grid, f"sl-{name}") for name, s in sl_runs.items()
+                               if {**s, "stochastic_depth": 0.0 if s["dropout"] == 0.0 else s["stochastic_depth"]}
+                               == {**chosen, "stochastic_depth": 0.0 if chosen["dropout"] == 0.0 else chosen["stochastic_depth"]}), None),
+                 **{ssl: os.path.join(grid, f"{ssl}-lambda{g['lambda_ssl']}-{g['view']}") for ssl, g in pretext.items()}}
+    for ssl, source in grid_runs.items():
+        cell = os.path.join(compare, f"{ssl}-20pct-seed0")
+        if source and train.final_test(source) is not None and not os.path.exists(cell):
+            shutil.copytree(source, cell)
     cells = {}
     for fraction, epochs, seeds in ((0.2, args.epochs_20pct, train.COMPARE_SEEDS),
                                     (1.0, args.epochs_full, train.COMPARE_SEEDS[:1]),

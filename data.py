@@ -17,6 +17,8 @@ The path from disk to the GPU:
 
     python data.py summary --dataset affectnet --data-root ~/data/AffectNet [--json] [--verify]
     python data.py prepare --dataset affectnet --data-root ~/data/AffectNet --size 224
+    python data.py show --dataset fer2013 --data-root ~/data/fer2013      # faces + masks, a PNG
+    python data.py layout --dataset fer2013 --data-root ~/data/fer2013    # where the parts sit
 """
 
 import argparse

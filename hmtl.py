@@ -818,8 +818,9 @@ RECIPES = {
     # lost 8 points; dropout and stochastic depth off lost 1. Then lambda {0.3, 1} x view
     # {shared, separate}, one grid for both pretext tasks: lambda 0.3 in the separate view won
     # for both (the shared puzzle view stalls at 0.30: its task head only sees shuffled faces).
-    # Epochs: what a run of the slowest variant fits in 15 min (20 %) and 60 min (full) on
-    # a 2-core CPU.
+    # Epochs (20 at 20 %, 15 full) were fixed before the grid, for 48 px runs to fit 15 and
+    # 60 minutes on a 2-core CPU; at 64 px a run costs more than that (BENCHMARKS.md has the
+    # times).
     **_grid("fer2013", {"sl": dict(ssl="none"), "puzzle": dict(ssl="puzzle", lambda_ssl=0.3, view="separate"),
                         "inpaint": dict(ssl="inpaint", lambda_ssl=0.3, view="separate")},
             dataset="fer2013", image_size=64, batch_size=64, epochs=15, lr=1e-3, warmup_epochs=1,

@@ -1675,6 +1675,10 @@ def test_fer2013_bench_chooses_on_publictest_and_its_cells_are_what_compare_read
     assert summary["pretext"] == {"puzzle": dict(lambda_ssl=0.3, view="separate"),
                                   "inpaint": dict(lambda_ssl=0.3, view="separate")}
     assert len(summary["test"]) == 6 and all(r and 0 <= r["accuracy"] <= 1 for r in summary["test"].values())
+    for ssl, grid_run in (("none", f"sl-{'base' if best_lr == 2e-3 else 'lr=0.005'}"),
+                          ("inpaint", "inpaint-lambda0.3-separate")):  # reused, not retrained
+        assert (out / "compare" / f"{ssl}-20pct-seed0" / "metrics.jsonl").read_text() == \
+            (out / "grid" / grid_run / "metrics.jsonl").read_text()
     config = json.loads((out / "compare" / "inpaint-20pct-seed0" / "config.json").read_text())
     assert config["view"] == "separate" and config["train_fraction"] == 0.2 and config["run"]["torch"] == torch.__version__
     chosen = {**summary["chosen"], "epochs": 1}

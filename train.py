@@ -874,7 +874,8 @@ def compare(argv):
     for (_, variant, fraction, seed), folder in zip(cells, folders):
         check_same_settings(folder, resolve_config(parse_args(cell_flags(variant, fraction, seed, folder))), seed)
     if args.jobs > 1:  # the unfinished cells in parallel processes, then the table as below
-        todo = [(cell, folder) for cell, folder in zip(cells, folders) if final_test(folder) is None]
+        todo = sorted([(cell, folder) for cell, folder in zip(cells, folders) if final_test(folder) is None],
+                      key=lambda job: (job[0][2], job[0][3]))  # low data, then seed by seed: soonest useful
         print(f"{len(todo)} runs to train, {args.jobs} at a time", flush=True)
         run_processes([([sys.executable, os.path.abspath(__file__), *cell_flags(v, f, s, folder)], folder)
                        for (_, v, f, s), folder in todo], args.jobs)
