@@ -495,11 +495,14 @@ FER2013_SL_GRID = [("image_size", 64), ("augment", "none"), ("augment", "strong"
 FER2013_SSL_GRID = [dict(lambda_ssl=lam, view=view) for lam in (0.3, 1.0) for view in ("shared", "separate")]
 
 
+def fer2013_settings(settings):
+    """The settings a run trains with: dropout 0 switches stochastic depth off with it."""
+    return {**settings, **({"stochastic_depth": 0.0} if settings.get("dropout") == 0.0 else {})}
+
+
 def fer2013_flags(root, settings, epochs, fraction, ssl, seed, folder, cache_dir=None, workers=2):
     """train.py's command line for one run: every chosen setting spelled out."""
-    settings = dict(settings)
-    if settings.get("dropout") == 0.0:  # dropout and stochastic depth switched off together
-        settings["stochastic_depth"] = 0.0
+    settings = fer2013_settings(settings)
     flags = ["--dataset", "fer2013", "--data-root", root, "--epochs", str(epochs), "--ssl", ssl,
              "--train-fraction", str(fraction), "--seed", str(seed), "--out", folder, "--workers", str(workers)]
     for key, value in settings.items():
@@ -591,8 +594,7 @@ def fer2013(argv=None):
     # the grid's seed-0 runs at 20 % of the chosen settings are those cells already: copied, not
     # trained again (train.py --compare accepts a run by its settings)
     grid_runs = {"none": next((os.path.join(grid, f"sl-{name}") for name, s in sl_runs.items()
-                               if {**s, "stochastic_depth": 0.0 if s["dropout"] == 0.0 else s["stochastic_depth"]}
-                               == {**chosen, "stochastic_depth": 0.0 if chosen["dropout"] == 0.0 else chosen["stochastic_depth"]}), None),
+                               if fer2013_settings(s) == fer2013_settings(chosen)), None),
                  **{ssl: os.path.join(grid, f"{ssl}-lambda{g['lambda_ssl']}-{g['view']}") for ssl, g in pretext.items()}}
     for ssl, source in grid_runs.items():
         cell = os.path.join(compare, f"{ssl}-20pct-seed0")

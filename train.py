@@ -939,7 +939,7 @@ def run_processes(jobs, at_once, deadline=None):
     """Run (command, folder) jobs, `at_once` at a time, each with its output appended to
     folder/train.log. At `deadline` (time.time()), the running ones are sent SIGTERM (each saves
     last.pt and stops; the same command resumes it) and no new one starts; so does Ctrl-C.
-    Returns the folders whose process ended with status 0."""
+    Returns the folders whose run finished (status 0 and a final test in its metrics)."""
     import subprocess
     waiting, running, done = list(jobs), [], []
     try:
