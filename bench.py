@@ -185,24 +185,27 @@ def bench_hmtl(args, device, autocast):
     against plain supervised learning, same batch and size; and the expression +
     valence/arousal task with its linear head and with the Emotion-GCN head."""
     import hmtl
+    import tasks
+    import train
 
     rows = []
+    classes = [f"class {c}" for c in range(args.classes)]
     for arch in args.arch:
         images, labels = random_batch(args, device)
         va = torch.rand(args.batch, 2, device=device) * 2 - 1
-        graph = hmtl.emotion_graph(labels.cpu(), va.cpu(), args.classes)
+        graph = tasks.emotion_graph(labels.cpu(), va.cpu(), args.classes)
         contenders = {"SL": dict(ssl="none"), "SL + puzzle": dict(ssl="puzzle"),
                       "SL + inpaint (perceptual: backbone)": dict(ssl="inpaint"),
                       "SL expr_va": dict(task="expr_va"),
-                      "SL expr_va, GCN head": dict(task="expr_va", head="gcn", graph=graph),
+                      "SL expr_va, GCN head": dict(task="expr_va", head="gcn"),
                       "SL mtl (VA + expressions + 12 AUs)": dict(task="mtl")}
-        # every label a batch can carry; each task's loss reads its own (hmtl.TASKS[...].labels)
+        # every label a batch can carry; each task's loss reads its own (tasks.TASKS[...].labels)
         targets = {"target": labels, "va": va,
                    "au": torch.randint(0, 2, (args.batch, 12), device=device).float()}
         steps = {}
         for name, config in contenders.items():
-            config = {"task": "classify", **config}
-            net = hmtl.HMTL(arch, num_classes=args.classes, **config).to(
+            config = {**train.DEFAULTS, "arch": arch, "image_size": args.size, **config}
+            net = hmtl.build(config, classes, graph=graph).to(
                 device, memory_format=memory_format(args)).train()
             steps[name] = make_step(
                 net, lambda net=net, targets=targets: net.losses(images, targets)[0]["loss"],
@@ -222,18 +225,18 @@ def bench_predict(args, device, autocast):
     """eval.predict on an in-memory uint8 batch (resize, normalisation, forward under bf16
     autocast on CUDA, one result dict per image) against the bare forward of the same model on
     the same batch, already normalised at the model's size: what the convenience costs."""
-    import data
     import eval as evaluation
     import hmtl
+    import train
 
     rows = []
     for arch in args.arch:
         torch.manual_seed(0)
-        model = hmtl.HMTL(arch, num_classes=args.classes).to(
+        config = {**train.DEFAULTS, "arch": arch, "image_size": args.size}
+        model = hmtl.build(config, [f"class {c}" for c in range(args.classes)]).to(
             device, memory_format=memory_format(args)).eval()
-        model.classes, model.image_size = [f"class {c}" for c in range(args.classes)], args.size
         pixels = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8)
-        normalised = data.normalize(pixels.to(device)).contiguous(memory_format=memory_format(args))
+        normalised = models.normalize(pixels.to(device)).contiguous(memory_format=memory_format(args))
 
         @torch.no_grad()
         def bare():
@@ -309,7 +312,7 @@ def bench_data(args, device, autocast):
         landmarks = images["landmarks"].to(device)
         model = models.efficientnet("b0", 8).to(device, memory_format=memory_format(args)).train()
         labels = torch.randint(0, 8, (batch,), device=device)
-        normalised = data.normalize(uint8_batch).contiguous(memory_format=memory_format(args))
+        normalised = models.normalize(uint8_batch).contiguous(memory_format=memory_format(args))
         step = make_step(model, lambda: F.cross_entropy(model(normalised), labels), autocast)
         times = race({"augment": lambda: data.augment(uint8_batch, "strong", landmarks),
                       "step": step}, device, args.steps, args.rounds)
@@ -368,7 +371,7 @@ def bench_fingerprint(args, device, autocast):
 
 
 def bench_reader(args, device, autocast):
-    """`--dataset affwild2_mtl` read at s-Aff-Wild2's size (DATASETS.md: 142,333 training and
+    """`--dataset affwild2_mtl` read at s-Aff-Wild2's size (the challenge's size: 142,333 training and
     26,876 validation rows, one 0-byte frame file per row, 500 frames per video folder), every
     task's mask and the per-task counts included; against the bare parse of the same two files
     (csv.reader and float() of every field), in the same run."""
@@ -376,11 +379,10 @@ def bench_reader(args, device, autocast):
     import tempfile
 
     import data
-    import hmtl
 
     sizes = {"training_set_annotations.txt": args.reader_rows,
              "validation_set_annotations.txt": args.reader_rows * 26876 // 142333}
-    header = "image,valence,arousal,expression," + ",".join(hmtl.AU_NAMES)
+    header = "image,valence,arousal,expression," + ",".join(data.AU_NAMES)
     with tempfile.TemporaryDirectory() as root:
         frame = 0
         for filename, count in sizes.items():

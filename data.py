@@ -17,19 +17,22 @@ The path from disk to the GPU:
 
     python data.py summary --dataset affectnet --data-root ~/data/AffectNet [--json] [--verify]
     python data.py prepare --dataset affectnet --data-root ~/data/AffectNet --size 224
-    python data.py show --dataset fer2013 --data-root ~/data/fer2013      # faces + masks, a PNG
     python data.py layout --dataset fer2013 --data-root ~/data/fer2013    # where the parts sit
+
+This file describes faces (labels, boxes, landmarks, where a dataset's crops put the eyes and
+mouth) and knows nothing of the method: ssl_tasks.py turns that geometry into masked regions,
+and `python eval.py show` draws both on real faces.
 """
 
 import argparse
 import csv
+import difflib
 import functools
 import glob
 import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -41,9 +44,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-import hmtl
-import models
-import ssl_tasks
+import models  # normalize() and device_constant(): the network's input, made on its device
 
 # ----------------------------------------------------------------------------------------------
 # What a reader produces.
@@ -62,7 +63,7 @@ class Sample:
     landmarks: np.ndarray = None
     va: tuple = None
     subject: str = None
-    au: tuple = None               # 12 action units (hmtl.AU_NAMES order), 1/0, -1 = unlabelled
+    au: tuple = None               # 12 action units (AU_NAMES order), 1/0, -1 = unlabelled
 
 
 @dataclass
@@ -75,7 +76,8 @@ class FaceData:
     eval_split: str                # the split a paper reports on
     margin: float = 0.1            # face-box margin used when cropping
     folds: list = None             # CK+: the subjects of each cross-validation fold
-    region_layout: dict = None     # where the facial parts sit in crops without landmarks
+    five_points: tuple = None      # crops without landmarks: where the eye centres, nose tip
+                                   # and mouth corners sit, (x, y) as fractions of the crop
     cache_root: str = None         # --cache-dir: where prepared caches go (None: see cache_dir)
     fingerprints: dict = field(default_factory=dict, repr=False)  # split -> split_fingerprint
     labels: tuple = ("target",)    # what its samples carry: "target", "va", "au" (-1 / -5: missing)
@@ -87,8 +89,27 @@ class FaceData:
         return [counts.get(c, 0) for c in range(len(self.classes))]
 
 
-class DatasetError(Exception):
-    """A missing root or a layout that matches nothing: the message is the one line to show."""
+class UserError(ValueError):
+    """Something asked for cannot be done (a missing folder, an unknown name, a checkpoint of
+    another model): the message is the one line to show. Every `__main__` prints it as
+    "error: ..." and exits; library code never exits."""
+
+
+class DatasetError(UserError):
+    """A missing root or a layout that matches nothing."""
+
+
+class UnknownName(UserError):
+    """A mistyped name (a dataset, a recipe, a task...), with the closest valid ones."""
+
+    def __init__(self, kind, name, known):
+        close = difflib.get_close_matches(str(name), list(known), n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        super().__init__(f"unknown {kind} {name!r}; {hint}choose from {', '.join(known)}")
+
+
+# ABAW's 12 action units, in the order Aff-Wild2's annotation files write them.
+AU_NAMES = ("AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "AU24", "AU25", "AU26")
 
 
 def require_dir(path, what):
@@ -380,7 +401,7 @@ def read_ckplus48(root, classes, folds):
             continue
         samples.append(Sample(path, label, subject=fields[0]))
     return FaceData("ckplus", "classify", names, {"all": samples}, {"all": reasons}, "all",
-                    margin=0.0, folds=subject_folds(samples, folds), region_layout=TIGHT_CROP_LAYOUT)
+                    margin=0.0, folds=subject_folds(samples, folds), five_points=TIGHT_CROP_FIVE_POINTS)
 
 
 def read_ckplus_landmarks(base, subject, sequence, frame):
@@ -635,10 +656,10 @@ def read_celeba(root, attribute="Male"):
     points, damaged = celeba_mean_five_points(root)
     if damaged:  # the layout's mean is over the readable rows; the images are all still used
         skipped["train"]["list_landmarks_align_celeba.txt row unreadable (not in the masks' layout)"] += damaged
-    layout = ssl_tasks.five_point_layout([(x - CELEBA_BOX[0], y - CELEBA_BOX[1]) for x, y in points],
-                                         CELEBA_BOX[2] - CELEBA_BOX[0], CELEBA_BOX[3] - CELEBA_BOX[1])
+    width, height = CELEBA_BOX[2] - CELEBA_BOX[0], CELEBA_BOX[3] - CELEBA_BOX[1]
+    five_points = tuple(((x - CELEBA_BOX[0]) / width, (y - CELEBA_BOX[1]) / height) for x, y in points)
     return FaceData("celeba", "classify", CELEBA_CLASSES, splits, skipped, "test", margin=0.0,
-                    region_layout=layout)
+                    five_points=five_points)
 
 
 def celeba_mean_five_points(root):
@@ -688,7 +709,7 @@ def read_utkface(root):
             continue
         splits[split].append(Sample(os.path.join(folder, name), int(fields[1])))
     return FaceData("utkface", "classify", UTKFACE_CLASSES, splits, skipped, "test", margin=0.0,
-                    region_layout=UTKFACE_LAYOUT)
+                    five_points=UTKFACE_FIVE_POINTS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -742,7 +763,7 @@ def read_fer2013_csv(path):
         else:
             splits[split].append(Sample(pixels, label))
     return FaceData("fer2013", "classify", FER2013_CLASSES, splits, skipped, "test", margin=0.0,
-                    region_layout=FER2013_LAYOUT)
+                    five_points=FER2013_FIVE_POINTS)
 
 
 # The image-folder re-release that most people download: train/<class>/Training_<id>.jpg and
@@ -780,7 +801,7 @@ def read_fer2013_folders(root):
     splits = {s: samples for s, samples in splits.items() if samples or skipped[s]}
     skipped = {s: skipped[s] for s in splits}
     data = FaceData("fer2013", "classify", FER2013_CLASSES, splits, skipped, "test", margin=0.0,
-                    region_layout=FER2013_LAYOUT)
+                    five_points=FER2013_FIVE_POINTS)
     if "val" not in splits:
         data.note = ("this FER2013 copy names no PublicTest/PrivateTest files: its test folder is "
                      "the test split and a tenth of train (by file name) selects, so the figures "
@@ -860,7 +881,7 @@ def read_ferplus(root):
             continue
         splits[split].append(Sample(image, label))
     return FaceData("ferplus", "classify", FERPLUS_CLASSES, splits, skipped, "test", margin=0.0,
-                    region_layout=FER2013_LAYOUT)  # FER2013's own faces
+                    five_points=FER2013_FIVE_POINTS)  # FER2013's own faces
 
 
 RAFDB_CLASSES = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
@@ -890,7 +911,7 @@ def read_rafdb(root):
             continue
         splits[split].append(Sample(path, int(parts[1]) - 1))
     return FaceData("rafdb", "classify", RAFDB_CLASSES, splits, skipped, "test", margin=0.0,
-                    region_layout=ALIGNED_LAYOUT)
+                    five_points=ALIGNED_FIVE_POINTS)
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -1006,9 +1027,9 @@ def read_affwild2(root, labels="expr"):
         splits[split], skipped[split] = samples, reasons
     if labels == "va":
         return FaceData("affwild2_va", "va", None, splits, skipped, "val", margin=0.0,
-                        region_layout=ALIGNED_LAYOUT, labels=("va",))
+                        five_points=ALIGNED_FIVE_POINTS, labels=("va",))
     return FaceData("affwild2", "classify", classes, splits, skipped, "val", margin=0.0,
-                    region_layout=ALIGNED_LAYOUT, labels=("target", "va"))
+                    five_points=ALIGNED_FIVE_POINTS, labels=("target", "va"))
 
 
 def read_affwild2_expressions(path, classes, reasons):
@@ -1072,9 +1093,9 @@ def read_affwild2_mtl(root):
         rows = csv.reader(text_lines(path, "Aff-Wild2 MTL"))
         header = [h.strip() for h in next(rows, [])]
         if header[:4] != ["image", "valence", "arousal", "expression"] or \
-                tuple(header[4:]) != hmtl.AU_NAMES:
+                tuple(header[4:]) != AU_NAMES:
             raise DatasetError(f"Aff-Wild2 MTL: {path} does not start with the header "
-                               f"image,valence,arousal,expression,{','.join(hmtl.AU_NAMES)}")
+                               f"image,valence,arousal,expression,{','.join(AU_NAMES)}")
         samples, reasons, seen, listings = [], Counter(), set(), {}
         for row in rows:
             if not row or not row[0].strip():
@@ -1113,7 +1134,7 @@ def read_affwild2_mtl(root):
                                   au=tuple(int(u) for u in units)))
         splits[split], skipped[split] = samples, reasons
     return FaceData("affwild2_mtl", "classify", AFFWILD2_MTL_CLASSES, splits, skipped, "val",
-                    margin=0.0, region_layout=ALIGNED_LAYOUT, labels=("target", "va", "au"))
+                    margin=0.0, five_points=ALIGNED_FIVE_POINTS, labels=("target", "va", "au"))
 
 
 # ABAW-4's learning-from-synthetic-data challenge: train on synthetic faces, validate on real
@@ -1124,7 +1145,7 @@ ABAW_LSD_SPLITS = {"train": "training_set_synthetic_images", "val": "validation_
 
 
 def read_abaw_lsd(root):
-    """Scored by macro-F1 over the 6 classes (hmtl.expression_score). The synthetic training
+    """Scored by macro-F1 over the 6 classes (tasks.expression_score). The synthetic training
     set is about half sadness: the class weights (--imbalance weights, the default) or
     oversampling apply as on any dataset."""
     folders = {folder.lower(): k for k, folder in enumerate(ABAW_LSD_FOLDERS)}
@@ -1137,7 +1158,7 @@ def read_abaw_lsd(root):
                    class_folder_images(base, folders, reasons, "the challenge's 6 classes")]
         splits[split], skipped[split] = samples, reasons
     return FaceData("abaw_lsd", "classify", ABAW_LSD_CLASSES, splits, skipped, "val", margin=0.0,
-                    region_layout=ALIGNED_LAYOUT)
+                    five_points=ALIGNED_FIVE_POINTS)
 
 
 def task_label_counts(samples):
@@ -1286,7 +1307,7 @@ def demo_face(rng, expression):
 
 
 def demo_action_units(brow_raise, slant, eye_open, curve, mouth_open, width, wrinkle):
-    """ABAW's 12 action units (hmtl.AU_NAMES order), read off the geometry that drew the face,
+    """ABAW's 12 action units (AU_NAMES order), read off the geometry that drew the face,
     as a FACS coder reads them off the movement: AU1 inner brow raised, AU2 brows raised, AU4
     brows lowered or drawn in, AU6/AU12 a smile, AU7 narrowed eyes, AU10 the wrinkled nose of
     disgust, AU15 corners down, AU23/AU24 lips narrowed and pressed, AU25 lips apart, AU26 a
@@ -1312,7 +1333,7 @@ def make_demo(root=DEMO_DEFAULT_ROOT, train_per_class=300, val_per_class=50, tes
     lists = os.path.join(root, "Manually_Annotated_file_lists")
     os.makedirs(lists, exist_ok=True)
     index = 0
-    action_units = [["subDirectory_filePath", *hmtl.AU_NAMES]]
+    action_units = [["subDirectory_filePath", *AU_NAMES]]
     for split, per_class, filename in (("train", train_per_class, "training.csv"),
                                        ("val", val_per_class, "validation.csv"),
                                        ("test", test_per_class, "test.csv")):
@@ -1362,66 +1383,61 @@ def read_demo(root=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Where the facial parts sit, for the in-painting masks of crops without landmarks
-# (ssl_tasks.region_boxes takes the layout as a parameter; see DATASETS.md, "Face crops").
+# Where the facial parts sit in crops without landmarks, as five points (right eye centre, left
+# eye centre (the subject's), nose tip, right and left mouth corner; (x, y) as fractions of the
+# crop). ssl_tasks.five_point_layout turns them into the in-painting regions.
 
-# The 5-point template of 112x112 similarity-aligned faces (eye centres, nose tip, mouth
-# corners), widely used for ArcFace-style alignment; Aff-Wild2's cropped_aligned frames are 112 px
-# and aligned, RAF-DB's aligned images 100 px. Not checked here on either dataset's own frames
-# (none are in this repository): python data.py show draws the masks on them.
-ALIGNED_112_FIVE_POINTS = ((38.29, 51.70), (73.53, 51.50), (56.03, 71.74), (41.55, 92.37),
-                           (70.73, 92.20))
-ALIGNED_LAYOUT = ssl_tasks.five_point_layout(ALIGNED_112_FIVE_POINTS, 112, 112)
+# dlib's mean face shape (the 51 inner points of get_face_chip_details, dlib/image_transforms/
+# interpolation.h): its five points in its own unit square (x across the brows, y down).
+MEAN_FACE_FIVE_POINTS = ((0.2255, 0.2160), (0.7548, 0.2160), (0.4901, 0.5156),
+                         (0.2541, 0.7802), (0.7261, 0.7802))
+
+
+def chip_five_points(padding):
+    """The five points of a crop made like dlib's face chips: the mean face's unit square grown
+    by `padding` of its size on every side, then squared into the crop."""
+    return tuple(((padding + x) / (1 + 2 * padding), (padding + y) / (1 + 2 * padding))
+                 for x, y in MEAN_FACE_FIVE_POINTS)
+
+
+# The 5-point template of 112x112 similarity-aligned faces, widely used for ArcFace-style
+# alignment; Aff-Wild2's cropped_aligned frames are 112 px and aligned, RAF-DB's aligned images
+# 100 px. Not checked here on either dataset's own frames: python eval.py show draws the masks.
+ALIGNED_FIVE_POINTS = tuple((x / 112, y / 112) for x, y in (
+    (38.29, 51.70), (73.53, 51.50), (56.03, 71.74), (41.55, 92.37), (70.73, 92.20)))
 # UTKFace's "*.jpg.chip.jpg" 200-px crops are named and sized as dlib's face chips, whose
 # default is size 200 with padding 0.2: the mean face's square grown by 20 % on every side.
-UTKFACE_LAYOUT = ssl_tasks.chip_layout(0.2)
+UTKFACE_FIVE_POINTS = chip_five_points(0.2)
 # FER2013's 48x48 crops, measured on its own faces: `python data.py layout --dataset fer2013
 # --data-root DIR --count 1000` (measure_face_layout: the mean face of 1,000 training faces
 # locates each part, then each face is matched against the mean face's patch around it).
 # Eye centres (0.314, 0.389) and (0.657, 0.389), nose tip (0.493, 0.561), mouth centre
-# (0.496, 0.781), as fractions of the crop; the mean face alone puts the eyes at y 0.368 and
-# the nose at 0.540. The quartiles over faces span about +-0.04 (2 px): the crops are tightly
-# centred, and 92-96 % of the faces match each part's patch (correlation >= 0.5); the rest are
-# the tilted, turned or covered ones.
+# (0.496, 0.781); the mean face alone puts the eyes at y 0.368 and the nose at 0.540. The
+# quartiles over faces span about +-0.04 (2 px): the crops are tightly centred, and 92-96 % of
+# the faces match each part's patch (correlation >= 0.5); the rest are the tilted, turned or
+# covered ones.
 FER2013_FIVE_POINTS = ((0.3137, 0.389), (0.6573, 0.389), (0.4926, 0.5609), (0.3427, 0.7812),
                        (0.6491, 0.7812))
-FER2013_LAYOUT = ssl_tasks.five_point_layout(FER2013_FIVE_POINTS)
-# CK+48 is a tight detector crop without landmarks too. Its layout is the mean face at
-# padding 0.29 (the eye line near y 0.32), an inference from crops of other datasets, not a
-# measurement on CK+48 (none is on this machine): python data.py layout / show check it.
-TIGHT_CROP_LAYOUT = ssl_tasks.chip_layout(0.29)
+# CK+48 is a tight detector crop without landmarks too: the mean face at padding 0.29 (the eye
+# line near y 0.32), an inference from crops of other datasets, not a measurement on CK+48;
+# python data.py layout and python eval.py show check it on a copy.
+TIGHT_CROP_FIVE_POINTS = chip_five_points(0.29)
 # CelebA's aligned images, when list_landmarks_align_celeba.txt is missing: approximately the
 # means of that file (image-left eye first), in pixels of the 178x218 image.
 CELEBA_MEAN_FIVE_POINTS = ((69.0, 111.5), (108.5, 111.5), (88.5, 135.0), (71.5, 152.5),
                            (105.5, 152.5))
 
 
-def measured_layout(data, split="train", size=128, count=256):
-    """The median landmark box of every region over up to `count` faces of `split`, as the
-    network sees them (cropped and resized): the layout for the samples of a landmark dataset
-    that have none. None when fewer than 16 of them carry landmarks."""
+def sample_landmarks(data, split="train", size=128, count=256):
+    """The 68 landmarks (pixels of the crop the network sees, size x size) of up to `count`
+    faces of `split` drawn evenly, as one (N, 68, 2) tensor; None when fewer than 16 of them
+    carry landmarks."""
     samples = data.splits.get(split) or []
     step = max(1, len(samples) // count)
     dataset = FaceDataset(data, split, size, list(range(0, len(samples), step))[:count])
     landmarks = [item["landmarks"] for item in (dataset[i] for i in range(len(dataset)))
                  if "error" not in item and bool(item["has_landmarks"])]
-    if len(landmarks) < 16:
-        return None
-    boxes = ssl_tasks.region_boxes(len(landmarks), size, size, torch.stack(landmarks), jitter=0.0)
-    median = (boxes.median(0).values / size).tolist()
-    return {region: tuple(round(v, 4) for v in box) for region, box in zip(ssl_tasks.REGIONS, median)}
-
-
-def region_layout(data, size=128):
-    """(layout, where it comes from) for the in-painting masks of `data`'s faces without
-    landmarks: the reader's own (alignment template, crop geometry, the dataset's points), else
-    measured on the dataset's landmarks, else ssl_tasks' default for detector crops."""
-    if data.region_layout is not None:
-        return data.region_layout, f"{data.name}'s crop layout"
-    measured = measured_layout(data, size=size)
-    if measured is not None:
-        return measured, f"measured on {data.name}'s training landmarks"
-    return dict(ssl_tasks.CANONICAL_BOXES), "the default for detector crops (no landmarks, no template)"
+    return torch.stack(landmarks) if len(landmarks) >= 16 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1437,14 +1453,17 @@ READERS = {
 }
 
 
+CLASS_PROTOCOLS = ("affectnet", "ckplus")  # where `classes` picks a protocol: AffectNet 8/7, CK+ 7/8
+
+
 def load(name, root=None, classes=None, cache_root=None):
     """FaceData for dataset `name` under `root`. `classes` picks the protocol where a dataset
     has several (AffectNet 8/7, CK+ 7/8); `cache_root` is where its prepared caches live."""
     if name not in READERS:
-        raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(READERS)}")
+        raise UnknownName("dataset", name, READERS)
     if root is None and name != "demo":
-        raise DatasetError(f"--data-root is required for {name}")
-    kwargs = {"classes": classes} if classes is not None and name in ("affectnet", "ckplus") else {}
+        raise DatasetError(f"{name} needs its data root: the folder its download unpacked to")
+    kwargs = {"classes": classes} if classes is not None and name in CLASS_PROTOCOLS else {}
     data = READERS[name](root, **kwargs)
     data.cache_root = cache_root
     if not any(data.splits.values()):
@@ -1533,7 +1552,7 @@ def va_tensor(sample):
     return torch.tensor(sample.va if sample.va is not None else (-2.0, -2.0), dtype=torch.float32)
 
 
-AU_COUNT = len(hmtl.AU_NAMES)  # ABAW's action units
+AU_COUNT = len(AU_NAMES)  # ABAW's action units
 
 
 def au_tensor(sample):
@@ -1611,12 +1630,16 @@ def writable(folder):
         return False
 
 
-def cache_dir(data_root, name, size, classes=None, cache_root=None):
-    """Where the prepared cache of one dataset at one size lives: under --cache-dir when given;
-    else <data-root>/hmtl_cache; else, for a dataset folder that cannot be written (a shared
-    mount, a container volume), under ~/.cache/hmtl/prepared/, one folder per dataset root."""
-    tag = f"{name}-{classes}c-{size}px" if classes else f"{name}-{size}px"
+def cache_dir(data_root, data, size):
+    """Where the prepared cache of one dataset at one size lives: in the dataset's cache root
+    when one was given (load's cache_root); else <data-root>/hmtl_cache; else, for a dataset
+    folder that cannot be written (a shared mount, a container volume), under
+    ~/.cache/hmtl/prepared/, one folder per dataset root. Named by what the reader read: the
+    dataset, its class protocol where it has several (AffectNet-8 or -7), and the size."""
+    protocol = f"-{len(data.classes)}c" if data.name in CLASS_PROTOCOLS else ""
+    tag = f"{data.name}{protocol}-{size}px"
     root = os.path.abspath(data_root or DEMO_DEFAULT_ROOT)
+    cache_root = data.cache_root
     if cache_root is None:
         cache_root = os.path.join(root, CACHE_FOLDER)
         if not os.path.isdir(cache_root) and not writable(root):
@@ -1674,12 +1697,12 @@ def cache_changes(directory, data, data_root, splits=None):
     return changes
 
 
-def prepare(data, data_root, size, workers=None, classes=None, progress=print):
+def prepare(data, data_root, size, workers=None, progress=print):
     """Write every split of `data` into the cache (atomically: a temporary folder, then a
     rename, so an interrupted run leaves no half cache behind and can simply be rerun).
     Images that fail to load are skipped and counted in the cache's metadata. A cache built
     from other data (changed labels, added or replaced images) is rebuilt."""
-    target = cache_dir(data_root, data.name, size, classes, data.cache_root)
+    target = cache_dir(data_root, data, size)
     if os.path.exists(os.path.join(target, "meta.json")):
         changes = cache_changes(target, data, data_root)
         if not changes:
@@ -1808,25 +1831,25 @@ def identity_collate(batch):
     return batch
 
 
-def check_cache(data, size, data_root, classes=None, splits=None):
+def check_cache(data, size, data_root, splits=None):
     """Raise StaleCache, saying what changed and how to rebuild, when a prepared cache exists
     for `data` at `size` but was built from other data than the reader sees now."""
-    directory = cache_dir(data_root, data.name, size, classes, data.cache_root)
+    directory = cache_dir(data_root, data, size)
     if not os.path.exists(os.path.join(directory, "meta.json")):
         return None
     changes = cache_changes(directory, data, data_root, splits)
     if changes:
         raise StaleCache(f"the prepared cache {directory} is stale ({'; '.join(changes)}): rebuild "
-                         f"it with --prepare, or python data.py prepare --dataset {data.name} "
-                         f"--data-root {data_root} --size {size}")
+                         f"it: python data.py prepare --dataset {data.name} --data-root {data_root} "
+                         f"--size {size}")
     return directory
 
 
-def open_split(data, split, size, data_root, classes=None, indices=None):
+def open_split(data, split, size, data_root, indices=None):
     """The prepared cache of `split` when there is one (python data.py prepare), else the
     plain reader, which decodes every image on the fly. A cache built from other data than the
     reader sees now is never used: StaleCache says what changed and how to rebuild."""
-    directory = check_cache(data, size, data_root, classes, [split])
+    directory = check_cache(data, size, data_root, [split])
     return FaceDataset(data, split, size, indices) if directory is None else \
         CachedDataset(directory, split, indices)
 
@@ -1871,7 +1894,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling: class-weighted loss (hmtl.class_weights), oversampling, a stratified fraction.
+# Sampling: class-weighted loss (tasks.class_weights), oversampling, a stratified fraction.
 
 def oversampling_weights(targets):
     """Per-sample weight 1 / n_c: every class drawn equally often in expectation (use with
@@ -1919,14 +1942,6 @@ FLIP_LANDMARKS = tuple(list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 
                        [64, 63, 62, 61, 60, 67, 66, 65])
 
 
-def normalize(images):
-    """uint8 or [0, 255] float images -> ImageNet-normalised float (what the encoder expects,
-    and what ImageNet initialisation needs)."""
-    mean = ssl_tasks.device_constant(models.IMAGENET_MEAN, images.device).view(1, 3, 1, 1) * 255
-    std = ssl_tasks.device_constant(models.IMAGENET_STD, images.device).view(1, 3, 1, 1) * 255
-    return (images.float() - mean) / std
-
-
 def augment(images, level, landmarks=None, pose=None, generator=None, flip=True):
     """Augment a batch of uint8 (N, 3, S, S) images on their device. Returns (normalised float
     images, landmarks moved with them, pose targets with yaw and roll negated where flipped).
@@ -1944,7 +1959,7 @@ def augment(images, level, landmarks=None, pose=None, generator=None, flip=True)
         pose = pose.clone()
         pose[:, 0] = torch.where(mirrored, -pose[:, 0], pose[:, 0])  # yaw
         pose[:, 2] = torch.where(mirrored, -pose[:, 2], pose[:, 2])  # roll
-    return normalize(photometric(x, level, generator).clamp(0, 255)), landmarks, pose
+    return models.normalize(photometric(x, level, generator).clamp(0, 255)), landmarks, pose
 
 
 def uniform(shape, generator, device, low=0.0, high=1.0):
@@ -1999,7 +2014,7 @@ def photometric(x, level, generator=None):
     if p["gray"]:
         x = torch.where(chosen(p["gray"]), grayscale(x).expand_as(x), x)
     if p["blur"]:  # 5x5 binomial kernel
-        kernel = ssl_tasks.device_constant((1.0, 4.0, 6.0, 4.0, 1.0), device)
+        kernel = models.device_constant((1.0, 4.0, 6.0, 4.0, 1.0), device)
         kernel = (kernel[:, None] * kernel[None, :] / 256).expand(3, 1, 5, 5)
         blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel, groups=3)
         x = torch.where(chosen(p["blur"]), blurred, x)
@@ -2019,14 +2034,14 @@ def photometric(x, level, generator=None):
         xs = torch.arange(w, device=device).view(1, 1, w) / w
         box = ((ys >= corner[:, 1, None, None]) & (ys < corner[:, 1, None, None] + side) &
                (xs >= corner[:, 0, None, None]) & (xs < corner[:, 0, None, None] + side))
-        mean = ssl_tasks.device_constant(models.IMAGENET_MEAN, device).view(1, 3, 1, 1) * 255
+        mean = models.per_channel(models.IMAGENET_MEAN, device) * 255
         x = torch.where(box[:, None] & chosen(p["cutout"]), mean, x)
     return x
 
 
 def grayscale(images):
     """ITU-R 601 luma, (N, 1, H, W)."""
-    weights = ssl_tasks.device_constant((0.299, 0.587, 0.114), images.device).view(1, 3, 1, 1)
+    weights = models.device_constant((0.299, 0.587, 0.114), images.device).view(1, 3, 1, 1)
     return (images * weights).sum(1, keepdim=True)
 
 
@@ -2034,7 +2049,7 @@ def move_landmarks(landmarks, theta, mirrored, width, height):
     """Map landmarks (N, 68, 2) in input pixels through the inverse of the sampling map theta
     (which takes output coordinates to input coordinates), then re-index mirrored faces so
     that point i is again the subject's point i."""
-    size = ssl_tasks.device_constant((width, height), landmarks.device, landmarks.dtype)
+    size = models.device_constant((width, height), landmarks.device, landmarks.dtype)
     normalised = landmarks / size * 2 - 1
     (a, b), (c, d) = theta[:, 0, :2].unbind(1), theta[:, 1, :2].unbind(1)
     x, y = (normalised - theta[:, None, :, 2]).unbind(2)
@@ -2044,68 +2059,12 @@ def move_landmarks(landmarks, theta, mirrored, width, height):
     out = torch.stack([(d[:, None] * x - b[:, None] * y) / det,
                        (a[:, None] * y - c[:, None] * x) / det], 2)
     out = (out + 1) / 2 * size
-    flipped = out[:, ssl_tasks.device_constant(FLIP_LANDMARKS, out.device, torch.long)]
+    flipped = out[:, models.device_constant(FLIP_LANDMARKS, out.device, torch.long)]
     return torch.where(mirrored.view(-1, 1, 1), flipped, out)
 
 
 # ----------------------------------------------------------------------------------------------
 # The summary command: what is in a copy of a dataset, before a 10-hour run.
-
-REGION_COLOURS = {"right_eye": (0, 170, 255), "left_eye": (0, 90, 255), "right_brow": (255, 210, 0),
-                  "left_brow": (255, 130, 0), "nose": (0, 200, 80), "mouth": (235, 40, 70)}
-
-
-def contact_sheet(data, path, split="train", size=128, count=12, level="weak", grid=3, seed=0):
-    """One PNG to look at before a long run: `count` training faces exactly as the network gets
-    them (cropped, resized, augmented at `level`), each with the in-painting regions outlined
-    (from its landmarks, else from the dataset's layout) beside its puzzled version, with the
-    label. Returns what it drew (boxes in pixels, landmarks after augmentation, the layout's
-    source), so that a test can check that the masks sit on the parts they name."""
-    samples = data.splits.get(split) or []
-    if not samples:
-        raise DatasetError(f"{data.name} has no {split!r} split to show")
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(samples), generator=generator)[:2 * count].tolist()
-    items = [FaceDataset(data, split, size, picks)[i] for i in range(len(picks))]
-    good = [item for item in items if "error" not in item][:count]
-    if not good:
-        raise DatasetError(f"{data.name}/{split}: none of {len(items)} faces tried could be read")
-    batch = collate(good)
-    images, landmarks, _ = augment(batch["image"], level, batch["landmarks"], generator=generator)
-    mean = torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1) * 255
-    pixels = (images * std + mean).clamp(0, 255).round()
-    puzzled, _ = ssl_tasks.puzzle(pixels, grid, generator)
-    layout, source = region_layout(data, size)
-    has = batch["has_landmarks"]
-    boxes = ssl_tasks.region_boxes(len(good), size, size, landmarks, has, jitter=0.0, layout=layout)
-    per_row, gap, caption = 4, 6, 16
-    rows = math.ceil(len(good) / per_row)
-    sheet = Image.new("RGB", (per_row * (2 * size + 3 * gap), 24 + rows * (size + caption + gap)),
-                      (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    draw.text((gap, 6), f"{data.name}/{split}: augment {level}, puzzle {grid}x{grid}; regions of "
-                        f"faces without landmarks: {source}", fill=(0, 0, 0))
-    for k in range(len(good)):
-        x = gap + (k % per_row) * (2 * size + 3 * gap)
-        y = 24 + (k // per_row) * (size + caption + gap)
-        for offset, tile in ((0, pixels[k]), (size + gap, puzzled[k])):
-            sheet.paste(Image.fromarray(tile.permute(1, 2, 0).to(torch.uint8).numpy()), (x + offset, y))
-        for region, box in zip(ssl_tasks.REGIONS, boxes[k].tolist()):
-            x0, y0, x1, y1 = box
-            draw.rectangle((x + x0, y + y0, x + x1 - 1, y + y1 - 1), outline=REGION_COLOURS[region])
-        target = good[k]["target"]
-        label = (data.classes[int(target)] if data.task == "classify" else
-                 "yaw {:.0f} pitch {:.0f} roll {:.0f}".format(*target.tolist()) if data.task == "pose"
-                 else "valence {:.2f} arousal {:.2f}".format(*good[k]["va"].tolist()))
-        where = "landmarks" if bool(has[k]) else "layout"
-        draw.text((x, y + size + 2), f"{label} ({where})", fill=(0, 0, 0))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sheet.save(path)
-    return {"path": path, "boxes": boxes, "landmarks": landmarks, "has_landmarks": has,
-            "source": source, "samples": len(good), "unreadable": len(items) - len([
-                item for item in items if "error" not in item])}
-
 
 def reading_report(data):
     """The lines a run logs about what its reader found: the copy's protocol note, and the
@@ -2214,7 +2173,7 @@ def measure_face_layout(data, split="train", size=48, count=1000, seed=0, good=0
     `data`'s crops, measured on up to `count` faces: the median over the faces whose part
     matched with correlation >= `good`. Also each part's mean-face position, quartiles and the
     share of faces that matched. The mouth corners sit at +-0.446 eye distances from the mouth
-    centre (the mean face's proportion, ssl_tasks.MEAN_FACE_FIVE_POINTS); only their midpoint
+    centre (the mean face's proportion, MEAN_FACE_FIVE_POINTS); only their midpoint
     places a region."""
     faces = grey_faces(data, split, size, count, seed)
     mean = faces.mean(0)
@@ -2253,7 +2212,7 @@ def summarize(data, verify=False, size=64):
                                       round(float(angles[:, k].max()), 1)]
                                for k, name in enumerate(("yaw", "pitch", "roll"))}
         entry["with_landmarks"] = sum(s.landmarks is not None for s in samples)
-        if "au" in data.labels:  # frames labelled per task (DATASETS.md lists the published counts)
+        if "au" in data.labels:  # frames labelled per task (to compare with the challenge's published counts)
             entry["labelled_for"] = task_label_counts(samples)
         if verify:
             failures = Counter()
@@ -2289,20 +2248,18 @@ def print_summary(report):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="HMTL datasets: check a copy, prepare a cache.")
-    parser.add_argument("command", choices=["summary", "prepare", "show", "layout"])
-    parser.add_argument("--dataset", required=True, choices=list(READERS))
+    parser = argparse.ArgumentParser(description="HMTL datasets: check a copy, prepare a cache, "
+                                                 "measure where the faces' parts sit.")
+    parser.add_argument("command", choices=["summary", "prepare", "layout"])
+    parser.add_argument("--dataset", default="demo", choices=list(READERS))
     parser.add_argument("--data-root", help="the dataset's folder, as downloaded")
     parser.add_argument("--classes", type=int, help="protocol: AffectNet 8|7, CK+ 7|8")
-    parser.add_argument("--size", type=int, help="face crop side in pixels (prepare: 224, show: 128)")
+    parser.add_argument("--size", type=int, help="face crop side in pixels (prepare: 224, layout: 48)")
     parser.add_argument("--workers", type=int, help="prepare: decoding processes")
     parser.add_argument("--verify", action="store_true", help="summary: decode every image")
     parser.add_argument("--cache-dir", help="prepare: where the cache goes (default: "
                                             "<data-root>/hmtl_cache, or ~/.cache/hmtl/prepared/)")
-    parser.add_argument("--augment", default="weak", choices=list(AUGMENT_LEVELS),
-                        help="show: the augmentation level to draw")
-    parser.add_argument("--count", type=int, default=12, help="show: faces on the sheet")
-    parser.add_argument("--out", help="show: the PNG to write (default: <dataset>-show.png)")
+    parser.add_argument("--count", type=int, default=1000, help="layout: faces to measure")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -2315,18 +2272,11 @@ def main(argv=None):
             report = measure_face_layout(data, size=args.size or 48, count=args.count)
             print(json.dumps(report, indent=1))
             return report
-        if args.command == "show":
-            shown = contact_sheet(data, args.out or f"{args.dataset}-show.png",
-                                  size=args.size or 128, count=args.count,
-                                  level=args.augment)
-            print(f"wrote {shown['path']}: {shown['samples']} faces; regions without landmarks "
-                  f"from {shown['source']}")
-            return shown
-        directory = prepare(data, args.data_root, args.size or 224, args.workers, args.classes,
+        directory = prepare(data, args.data_root, args.size or 224, args.workers,
                             progress=lambda line: print(line, file=sys.stderr))
         print(directory)
         return directory
-    except DatasetError as err:
+    except UserError as err:
         sys.exit(f"error: {err}")
 
 

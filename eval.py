@@ -1,9 +1,15 @@
-"""Evaluation for every dataset of the HMTL experiments, prediction, and export.
+"""Evaluation for every dataset of the HMTL experiments, prediction, export, and a look at the
+faces the network gets. One subcommand per job:
 
-    python eval.py --dataset affectnet --data-root ~/data/AffectNet --checkpoint runs/x/best.pt
-    python eval.py --dataset ckplus --data-root ~/data/CK+ --checkpoint runs/x/best.pt   # nonlinear eval
-    python eval.py --checkpoint runs/x/best.pt --predict face.jpg            # or a folder
-    python eval.py --checkpoint runs/x/best.pt --export model.pt2 --export-onnx model.onnx
+    python eval.py score --checkpoint runs/x/best.pt --dataset affectnet --data-root ~/data/AffectNet
+    python eval.py score --checkpoint runs/x/best.pt --dataset ckplus --data-root ~/data/CK+  # nonlinear
+    python eval.py blend --checkpoint a.pt b.pt --dataset abaw_lsd --data-root ~/data/LSD
+    python eval.py predict --checkpoint runs/x/best.pt face.jpg            # or a folder; --out F.csv
+    python eval.py export --checkpoint runs/x/best.pt --pt2 model.pt2 --onnx model.onnx
+    python eval.py features --checkpoint runs/x/best.pt --dataset D --data-root R --out f.npz
+    python eval.py heads train.npz test.npz --task mtl      # small heads on frozen features
+    python eval.py convert-hsemotion enet_b0_8_best_afew.pt enet_b0.pt --dataset affectnet
+    python eval.py show --dataset fer2013 --data-root ~/data/fer2013   # faces + masks, a PNG
 
 Protocols:
   expression, gender  accuracy, balanced accuracy (= accuracy on AffectNet's balanced
@@ -25,7 +31,6 @@ import json
 import math
 import os
 import sys
-import types
 
 import numpy as np
 import torch
@@ -35,32 +40,29 @@ from PIL import Image, ImageDraw
 import data
 import hmtl
 import models
-
-# ----------------------------------------------------------------------------------------------
-# Metrics.
-
+import ssl_tasks
+import tasks
 
 # ----------------------------------------------------------------------------------------------
 # Running a model over a split.
 
 
 @torch.no_grad()
-def predict_split(model, loader, device, channels_last=True, embed=False):
+def predict_split(model, loader, device, embed=False):
     """Task outputs over a loader on clean (unaugmented) images, with the targets; with
     `embed`, the pooled embedding instead (the encoder's feature, what downstream models train
     on). Returns (outputs, {label key: targets} with every label a batch carries ("target",
-    "va", "au"), skipped)."""
+    "va", "au"), skipped). The images take the memory format of the model's weights (else
+    every convolution converts), which stays as it is."""
     model.eval()
-    if channels_last:  # the weights in the inputs' layout, else every conv converts
-        model.to(memory_format=torch.channels_last)
+    memory_format = ssl_tasks.memory_format_of(model.encoder.features[0][0].weight)
     outputs, targets, skipped = [], {}, []
     for batch in loader:
         skipped += batch["skipped"]
         if "image" not in batch:
             continue
-        images = data.normalize(batch["image"].to(device, non_blocking=True))
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = models.normalize(batch["image"].to(device, non_blocking=True))
+        images = images.contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if embed:
                 output = model.encoder.pool(model.encoder.forward_features(images))
@@ -78,12 +80,12 @@ LABEL_KEYS = ("target", "va", "au")  # what a batch carries besides the images
 
 
 def selection_metric(task, metrics, dataset=None):
-    """The one number that picks best.pt (higher is better): hmtl.TASKS[task].selection."""
-    return hmtl.TASKS[task].selection(metrics, dataset)
+    """The one number that picks best.pt (higher is better): tasks.TASKS[task].selection."""
+    return tasks.TASKS[task].selection(metrics, dataset)
 
 
-# ABAW-4's multi-task score, for anyone's predictions (hmtl.py holds it beside the MTL task).
-p_mtl = hmtl.p_mtl
+# ABAW-4's multi-task score, for anyone's predictions (tasks.py holds it beside the MTL task).
+p_mtl = tasks.p_mtl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,28 +250,32 @@ def bars_png(groups, path, title, ylabel="accuracy", bar=46, height=300):
 # Checkpoints.
 
 
-class CheckpointError(ValueError):
+class EvalError(data.UserError):
+    """What eval.py was asked cannot be done: one line, printed by __main__."""
+
+
+class CheckpointError(EvalError):
     """A file that is not a train.py checkpoint, or is missing. Its message is one line."""
 
 
 def load_checkpoint(path, device="cpu"):
-    """(HMTL model with the checkpoint's weights, its config). The model also carries
-    `classes` (the names, in its logits' order) and `image_size`. Raises CheckpointError, with
-    a one-line message, when the file is missing or is not an HMTL checkpoint."""
+    """(HMTL model with the checkpoint's weights, its config), in eval mode, its weights
+    channels_last. The model carries `classes` (the names, in its logits' order) and
+    `image_size`. Raises CheckpointError, with a one-line message, when the file is missing
+    or is not an HMTL checkpoint."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         config, num_classes = checkpoint["config"], checkpoint["num_classes"]
-        model = hmtl.model_from_config(config, num_classes, None,
-                                       *hmtl.saved_graph(checkpoint["model"]))
-        model.load_state_dict(checkpoint["model"])
+        classes = checkpoint.get("classes") or [str(c) for c in range(num_classes or 0)]
+        model = hmtl.build(config, classes, None, *tasks.saved_graph(checkpoint["model"]))
+        hmtl.load_state(model, checkpoint["model"])
     except (KeyError, RuntimeError, TypeError, ValueError, EOFError) as err:
         raise CheckpointError(f"{path} is not an HMTL checkpoint of train.py "
                               f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]})") from None
-    model.classes = checkpoint.get("classes")
-    model.image_size = config["image_size"]
-    return model.to(device).eval(), config
+    model.classes = checkpoint.get("classes")  # a checkpoint without names keeps none
+    return model.to(device, memory_format=torch.channels_last).eval(), config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +297,7 @@ def pooled_features(encoder, faces, size, device, batch_size=64):
         unreadable += len(chunk) - len(good)
         if good:
             batch = data.collate([item for item, _ in good])
-            images = data.normalize(batch["image"].to(device))
+            images = models.normalize(batch["image"].to(device))
             features.append(encoder.pool(encoder.forward_features(images)).float().cpu())
             labels.append(batch["target"])
             subjects += [subject for _, subject in good]
@@ -301,19 +307,16 @@ def pooled_features(encoder, faces, size, device, batch_size=64):
 def fit_head(features, targets, task="classify", classes=8, hidden=256, epochs=200, seed=0,
              lr=1e-3, weights=None, au_pos_weight=None):
     """A small head trained full-batch with Adam on frozen features, with the task's own loss
-    (hmtl.TASKS): hidden > 0 gives a 2-layer MLP (ReLU, dropout 0.5), hidden = 0 a linear layer.
-    `targets` as predict_split returns them ({"target", "va", "au"})."""
+    (tasks.TaskLoss): hidden > 0 gives a 2-layer MLP (ReLU, dropout 0.5), hidden = 0 a linear
+    layer. `targets` as predict_split returns them ({"target", "va", "au"})."""
     torch.manual_seed(seed)
-    width = hmtl.task_outputs(task, classes)
+    task_loss = tasks.TaskLoss(task, classes, weights, au_pos_weight=au_pos_weight)
     head = torch.nn.Sequential(torch.nn.Linear(features.shape[1], hidden), torch.nn.ReLU(),
-                               torch.nn.Dropout(0.5), torch.nn.Linear(hidden, width)) if hidden \
-        else torch.nn.Linear(features.shape[1], width)
-    settings = types.SimpleNamespace(  # what a task's loss reads from its model
-        weights=weights, label_smoothing=0.0, pose_alpha=hmtl.DEFAULTS["pose_alpha"],
-        num_classes=classes, mtl_weights=hmtl.DEFAULTS["mtl_weights"], au_pos_weight=au_pos_weight)
+                               torch.nn.Dropout(0.5), torch.nn.Linear(hidden, task_loss.outputs)) \
+        if hidden else torch.nn.Linear(features.shape[1], task_loss.outputs)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
     for _ in range(epochs):
-        loss = hmtl.TASKS[task].loss(settings, head(features), targets)
+        loss = task_loss(head(features), targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -323,7 +326,7 @@ def fit_head(features, targets, task="classify", classes=8, hidden=256, epochs=2
 def heads_on_features(train_npz, test_npz, task, hidden=(0, 256), epochs=500, lr=3e-3,
                       seeds=(0, 1, 2)):
     """The ABAW-4 MTL winners' recipe: small heads on frozen features, extracted once
-    (--extract-features). Features standardised with the training set's statistics; each head
+    (eval.py features). Features standardised with the training set's statistics; each head
     trained on train_npz and scored on test_npz with the task's metrics; both heads get the same
     epochs and learning rate. Returns {head: [metrics per seed]}."""
     def load(path):
@@ -342,7 +345,7 @@ def heads_on_features(train_npz, test_npz, task, hidden=(0, 256), epochs=500, lr
                             seed, lr)
             with torch.no_grad():
                 outputs = head((test_features - mean) / std)
-            results[name].append(hmtl.TASKS[task].metrics(outputs, test_targets, classes))
+            results[name].append(tasks.TASKS[task].metrics(outputs, test_targets, classes))
     return results
 
 
@@ -401,7 +404,7 @@ def keep_classes(outputs, indices, num_classes):
 
 
 def blend_logits(first, second, weight):
-    """The LSD winners' blend (NEIGHBOURS.md): weight · first + (1 − weight) · second."""
+    """The blend of the ABAW LSD winners (HSEmotion, Savchenko 2022): weight · first + (1 − weight) · second."""
     return weight * first + (1 - weight) * second
 
 
@@ -412,15 +415,15 @@ def sweep_blend(first, second, targets, task, classes, dataset, weights=None):
     weights = weights or [round(0.1 * k, 1) for k in range(11)]
     scores, best = {}, None
     for weight in weights:
-        metrics = hmtl.TASKS[task].metrics(blend_logits(first, second, weight), targets, classes)
-        scores[weight] = hmtl.TASKS[task].selection(metrics, dataset)
+        metrics = tasks.TASKS[task].metrics(blend_logits(first, second, weight), targets, classes)
+        scores[weight] = tasks.TASKS[task].selection(metrics, dataset)
         if best is None or scores[weight] > best[1]:
             best = (weight, scores[weight], metrics)
     return best[0], best[2], scores
 
 
 # HSEmotion's files are whole timm modules pickled with torch.save (they need a matching timm
-# to unpickle), their classes in alphabetical order (NEIGHBOURS.md), 10-output models adding
+# to unpickle), their classes in alphabetical order (HSEmotion's README), 10-output models adding
 # valence and arousal at the end.
 HSEMOTION_CLASSES = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness",
                      "Surprise"]
@@ -438,26 +441,26 @@ def convert_hsemotion(path, out, dataset="affectnet", classes=None):
     try:
         import timm  # noqa: F401  (unpickling the module needs its classes)
     except ImportError:
-        raise SystemExit("error: converting an HSEmotion file needs timm: pip install timm") from None
+        raise EvalError("converting an HSEmotion file needs timm: pip install timm") from None
     if not os.path.exists(path):
-        raise SystemExit(f"error: {path} does not exist")
+        raise EvalError(f"{path} does not exist")
     print(f"unpickling {path}: this runs code stored in the file; convert only files you trust",
           flush=True)
     module = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(module, torch.nn.Module) or not hasattr(module, "conv_stem"):
-        raise SystemExit(f"error: {path} is not a pickled timm EfficientNet (got {type(module).__name__})")
+        raise EvalError(f"{path} is not a pickled timm EfficientNet (got {type(module).__name__})")
     state = module.state_dict()
     outputs = state["classifier.weight"].shape[0]
     source = {7: [c for c in HSEMOTION_CLASSES if c != "Contempt"], 8: HSEMOTION_CLASSES,
               10: HSEMOTION_CLASSES}.get(outputs)
     if source is None:
-        raise SystemExit(f"error: {path} has {outputs} outputs; HSEmotion's have 7, 8 or 10")
+        raise EvalError(f"{path} has {outputs} outputs; HSEmotion's have 7, 8 or 10")
     wanted = NATIVE_CLASSES[dataset]
     wanted = wanted[:classes] if classes else wanted
     try:
         indices, dropped = match_classes(source, wanted)
     except ValueError as err:
-        raise SystemExit(f"error: {path}: {err}") from None
+        raise EvalError(f"{path}: {err}") from None
     rows = indices + ([8, 9] if outputs == 10 else [])  # valence, arousal stay last
     state["classifier.weight"] = state["classifier.weight"][rows].clone()
     state["classifier.bias"] = state["classifier.bias"][rows].clone()
@@ -473,16 +476,18 @@ def convert_hsemotion(path, out, dataset="affectnet", classes=None):
         json.dump(note, f, indent=1)
     # and the same network as an HMTL checkpoint, to score or use as it is (eval.py
     # --checkpoint, eval.predict): the LSD recipe's "pretrained, untrained" model
-    config = {**hmtl.DEFAULTS, "dataset": dataset, "classes": len(wanted), "arch": arch,
+    import train  # its DEFAULTS: the configuration this checkpoint says it was made with
+
+    config = {**train.DEFAULTS, "dataset": dataset, "classes": len(wanted), "arch": arch,
               "tf_variant": tf_variant, "task": note["task"], "image_size": note["image_size"],
               "init": f"timm:{out}"}
-    model = hmtl.model_from_config(config, len(wanted))
+    model = hmtl.build(config, wanted)
     models.load_timm_weights(model.encoder, state)
     torch.save({"model": model.state_dict(), "config": config, "num_classes": len(wanted),
                 "classes": wanted}, note["checkpoint"])
     print(f"saved {out} ({arch}, classes {', '.join(wanted)}"
           + (f"; dropped {', '.join(dropped)}" if dropped else "") + f"), and {note['checkpoint']} "
-          f"for eval.py --checkpoint; train from it with: "
+          f"for eval.py score and predict; train from it with: "
           f"python train.py --init timm:{out} --arch {arch}{' --tf-variant' if tf_variant else ''} "
           f"--image-size {note['image_size']} --task {note['task']}")
     return note
@@ -497,7 +502,7 @@ def image_paths(path):
         return [os.path.join(path, f) for f in sorted(os.listdir(path))
                 if f.lower().endswith(data.IMAGE_EXTENSIONS)]
     if not os.path.exists(path):
-        raise SystemExit(f"error: {path} does not exist")
+        raise EvalError(f"{path} does not exist")
     return [path]
 
 
@@ -550,7 +555,7 @@ def predict(model, images, batch_size=64):
     size, classes = getattr(model, "image_size", None), getattr(model, "classes", None)
     if size is None:
         raise ValueError("the model does not say its image size: load it with eval.load_checkpoint")
-    task = hmtl.TASKS[model.task]
+    task = tasks.TASKS[model.task]
     batched = isinstance(images, torch.Tensor)
     if batched and (images.dim() != 4 or images.shape[1] != 3):
         raise ValueError(f"expected a B×3×H×W RGB tensor, got shape {tuple(images.shape)}")
@@ -571,7 +576,7 @@ def predict(model, images, batch_size=64):
         outputs = []
         if pixels is not None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                outputs = model(data.normalize(pixels)).float().cpu()
+                outputs = model(models.normalize(pixels)).float().cpu()
         rows = iter(outputs)
         for i in range(len(chunk)):
             if i in errors:
@@ -598,7 +603,7 @@ def flat_prediction(prediction):
 
 
 def write_predictions(predictions, path):
-    """--predict's output file: JSON (a list of objects) or CSV (one row per image), by suffix."""
+    """eval.py predict's output file: JSON (a list of objects) or CSV (one row per image), by suffix."""
     if path.lower().endswith(".json"):
         with open(path, "w") as f:
             json.dump(predictions, f, indent=1)
@@ -619,32 +624,33 @@ class Deployable(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.network = hmtl.export(model).cpu()
-        self.register_buffer("mean", torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1))
+        self.network = hmtl.export(model).to("cpu", memory_format=torch.contiguous_format)
+        # normalize()'s constants are made once and kept: made here, not while torch.export
+        # traces forward (where they would be fake tensors, kept for every later call)
+        models.normalize(torch.zeros(1, 3, 1, 1))
 
     def forward(self, images):
-        return self.network((images - self.mean) / self.std)
+        return self.network(models.normalize(images * 255))
 
 
 def export_description(model):
     """What a user of an exported file needs to read its outputs (saved beside or inside it)."""
-    width = hmtl.task_outputs(model.task, model.num_classes)
+    width = tasks.task_outputs(model.task, model.num_classes)
     return {"task": model.task, "classes": list(model.classes or []), "image_size": model.image_size,
             "input": f"images: B×3×{model.image_size}×{model.image_size} float32, RGB in [0, 1] "
                      "(normalised inside)",
             "outputs": f"B×{width} raw head outputs; " + EXPORT_OUTPUTS[model.task]}
 
 
-EXPORT_OUTPUTS = {  # how each task's raw outputs read (hmtl.TASKS[task].predict does it in Python)
+EXPORT_OUTPUTS = {  # how each task's raw outputs read (tasks.TASKS[task].predict does it in Python)
     "classify": "softmax gives the probabilities of `classes`, in that order",
     "va": "tanh of the two gives valence and arousal",
     "expr_va": "the first len(classes) are the class logits; tanh of the last two gives valence "
                "and arousal",
-    "pose": f"yaw, pitch and roll logits over {hmtl.POSE_BINS} bins each (3 × {hmtl.POSE_BINS}); "
-            "each angle is the softmax-weighted mean of the bin centres, hmtl.pose_bin_centres()",
+    "pose": f"yaw, pitch and roll logits over {tasks.POSE_BINS} bins each (3 × {tasks.POSE_BINS}); "
+            "each angle is the softmax-weighted mean of the bin centres, tasks.pose_bin_centres()",
     "mtl": "the first len(classes) are the expression logits, then valence and arousal (tanh), "
-           f"then the logits of the 12 action units {', '.join(hmtl.AU_NAMES)} (sigmoid)",
+           f"then the logits of the 12 action units {', '.join(data.AU_NAMES)} (sigmoid)",
 }
 
 
@@ -675,7 +681,7 @@ def export_onnx(model, path):
         import onnx
         import onnxscript  # noqa: F401  (torch's exporter needs it)
     except ImportError as err:
-        raise SystemExit(f"error: ONNX export needs the {err.name} package: "
+        raise EvalError(f"ONNX export needs the {err.name} package: "
                          "pip install onnx onnxscript") from None
     deployable = Deployable(model).eval()
     inputs, dynamic_shapes = export_inputs(model)
@@ -695,10 +701,10 @@ def export_onnx(model, path):
 def split_loader(config, faces, split, data_root, device, batch_size, workers, rank=0, world=1):
     """Clean images of a split at the run's size: the prepared cache if any, else decoded.
     With `world` processes, this rank's share: every world-th image from `rank` on."""
-    dataset = data.open_split(faces, split, config["image_size"], data_root, config.get("classes"))
+    dataset = data.open_split(faces, split, config["image_size"], data_root)
     if world > 1:
         dataset = data.open_split(faces, split, config["image_size"], data_root,
-                                  config.get("classes"), range(rank, len(dataset), world))
+                                  range(rank, len(dataset), world))
     return data.make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
 
 
@@ -732,13 +738,13 @@ def split_outputs(model, config, faces, split, data_root, device, batch_size=128
     if faces.classes and (model.classes or []) != faces.classes:
         if not model.classes:  # a checkpoint without names: only the count can be checked
             if model.num_classes != len(faces.classes):
-                raise SystemExit(f"error: the checkpoint predicts {model.num_classes} classes, "
+                raise EvalError(f"the checkpoint predicts {model.num_classes} classes, "
                                  f"{faces.name} has {len(faces.classes)}")
         else:
             try:
                 indices, dropped = match_classes(model.classes, faces.classes)
             except ValueError as err:
-                raise SystemExit(f"error: {faces.name}: {err}") from None
+                raise EvalError(f"{faces.name}: {err}") from None
             outputs = keep_classes(outputs, indices, len(model.classes))
     return outputs, targets, len(skipped), dropped
 
@@ -752,7 +758,7 @@ def evaluate(model, config, faces, split, data_root, device, batch_size=128, wor
         return ckplus_nonlinear(model, faces, config["image_size"], device, batch_size)
     outputs, targets, skipped, dropped = split_outputs(model, config, faces, split, data_root,
                                                        device, batch_size, workers, rank, world)
-    metrics = hmtl.TASKS[model.task].metrics(outputs, targets, faces.classes)
+    metrics = tasks.TASKS[model.task].metrics(outputs, targets, faces.classes)
     metrics["skipped_unreadable"] = skipped
     if dropped:
         metrics["model_classes_dropped"] = dropped
@@ -764,22 +770,19 @@ def evaluate(model, config, faces, split, data_root, device, batch_size=128, wor
 
 
 def blend(model, config, args, faces, split, device):
-    """eval.py --blend: both checkpoints over the split (each at its own image size), their
-    logits restricted to the dataset's classes, blended at --blend-weight or at every weight."""
-    try:
-        other, other_config = load_checkpoint(args.blend, device)
-    except CheckpointError as err:
-        raise SystemExit(f"error: {err}") from None
+    """Both checkpoints over the split (each at its own image size), their logits restricted
+    to the dataset's classes, blended at the weight asked for, or at every weight."""
+    other, other_config = load_checkpoint(args.other, device)
     if not faces.classes or other.task != model.task or model.task not in ("classify", "expr_va"):
-        raise SystemExit("error: --blend blends two classifiers (or two expr_va models) of the "
-                         "same task on a dataset with classes")
+        raise EvalError("a blend needs two classifiers (or two expr_va models) of the same "
+                        "task, on a dataset with classes")
     runs = [split_outputs(m, c, faces, split, args.data_root, device, args.batch_size, args.workers)
             for m, c in ((model, config), (other, other_config))]
     (first, targets, skipped, _), (second, _, skipped_other, _) = runs
     if skipped or skipped_other:
-        raise SystemExit(f"error: {skipped + skipped_other} unreadable images: the two models' "
-                         f"outputs would not line up")
-    weights = [args.blend_weight] if args.blend_weight is not None else None
+        raise EvalError(f"{skipped + skipped_other} unreadable images: the two models' "
+                        f"outputs would not line up")
+    weights = [args.weight] if args.weight is not None else None
     weight, metrics, scores = sweep_blend(first, second, targets, model.task, faces.classes,
                                           faces.name, weights)
     alone = {name: scores[w] for name, w in (("checkpoint_alone", 1.0), ("other_alone", 0.0))
@@ -790,134 +793,268 @@ def blend(model, config, args, faces, split, device):
         label = ("best weight, picked on this split (optimistic)" if weights is None
                  else "weight given")
         print(f"blend on {faces.name} / {split}: {weight} · {args.checkpoint} + {1 - weight:.1f} · "
-              f"{args.blend} ({label})")
+              f"{args.other} ({label})")
         print("  score by weight: " + ", ".join(f"{w} {v:.4f}" for w, v in scores.items()))
         print_metrics(metrics, "  the blend at that weight")
     return summary
 
 
+# ----------------------------------------------------------------------------------------------
+# Where data meets the method: the in-painting regions of a dataset's faces, and a picture of
+# them (python eval.py show), to look at before a long run.
+
+
+def region_layout(faces, size=128):
+    """(layout, where it comes from) for the in-painting masks of the faces without landmarks:
+    the dataset's own five points (an alignment template, its crop geometry, its measured
+    points), else the median boxes of its training landmarks, else ssl_tasks' default for
+    detector crops."""
+    if faces.five_points is not None:
+        return ssl_tasks.five_point_layout(faces.five_points), f"{faces.name}'s crop layout"
+    landmarks = data.sample_landmarks(faces, size=size)
+    if landmarks is not None:
+        return ssl_tasks.median_layout(landmarks, size), f"measured on {faces.name}'s training landmarks"
+    return dict(ssl_tasks.CANONICAL_BOXES), "the default for detector crops (no landmarks, no template)"
+
+
+REGION_COLOURS = {"right_eye": (0, 170, 255), "left_eye": (0, 90, 255), "right_brow": (255, 210, 0),
+                  "left_brow": (255, 130, 0), "nose": (0, 200, 80), "mouth": (235, 40, 70)}
+
+
+def training_faces(faces, split="train"):
+    """(split, the indices of its faces to draw from). CK+ ships no training split, only
+    subject-independent folds: there, the training faces of fold 1 (the other folds' subjects)."""
+    if faces.splits.get(split):
+        return split, list(range(len(faces.splits[split])))
+    if split == "train" and faces.folds and faces.splits.get("all"):
+        held_out = set(faces.folds[0])
+        return "all", [i for i, s in enumerate(faces.splits["all"]) if s.subject not in held_out]
+    raise data.DatasetError(f"{faces.name} has no {split!r} split to show")
+
+
+def contact_sheet(faces, path, split="train", size=128, count=12, level="weak", grid=3, seed=0):
+    """One PNG to look at before a long run: `count` training faces exactly as the network gets
+    them (cropped, resized, augmented at `level`), each with the in-painting regions outlined
+    (from its landmarks, else from the dataset's layout) beside its puzzled version, with the
+    label. Returns what it drew (boxes in pixels, landmarks after augmentation, the layout's
+    source), so that a test can check that the masks sit on the parts they name."""
+    split, candidates = training_faces(faces, split)
+    generator = torch.Generator().manual_seed(seed)
+    picks = [candidates[i] for i in torch.randperm(len(candidates), generator=generator)[:2 * count].tolist()]
+    items = [data.FaceDataset(faces, split, size, picks)[i] for i in range(len(picks))]
+    good = [item for item in items if "error" not in item][:count]
+    if not good:
+        raise data.DatasetError(f"{faces.name}/{split}: none of {len(items)} faces tried could be read")
+    batch = data.collate(good)
+    images, landmarks, _ = data.augment(batch["image"], level, batch["landmarks"], generator=generator)
+    pixels = models.denormalize(images).clamp(0, 255).round()
+    puzzled, _ = ssl_tasks.puzzle(pixels, grid, generator)
+    layout, source = region_layout(faces, size)
+    has = batch["has_landmarks"]
+    boxes = ssl_tasks.region_boxes(len(good), size, size, landmarks, has, jitter=0.0, layout=layout)
+    per_row, gap, caption = 4, 6, 16
+    rows = math.ceil(len(good) / per_row)
+    sheet = Image.new("RGB", (per_row * (2 * size + 3 * gap), 24 + rows * (size + caption + gap)),
+                      (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((gap, 6), f"{faces.name}/{split}: augment {level}, puzzle {grid}x{grid}; regions of "
+                        f"faces without landmarks: {source}", fill=(0, 0, 0))
+    for k in range(len(good)):
+        x = gap + (k % per_row) * (2 * size + 3 * gap)
+        y = 24 + (k // per_row) * (size + caption + gap)
+        for offset, tile in ((0, pixels[k]), (size + gap, puzzled[k])):
+            sheet.paste(Image.fromarray(tile.permute(1, 2, 0).to(torch.uint8).numpy()), (x + offset, y))
+        for region, box in zip(ssl_tasks.REGIONS, boxes[k].tolist()):
+            x0, y0, x1, y1 = box
+            draw.rectangle((x + x0, y + y0, x + x1 - 1, y + y1 - 1), outline=REGION_COLOURS[region])
+        target = good[k]["target"]
+        label = (faces.classes[int(target)] if faces.task == "classify" else
+                 "yaw {:.0f} pitch {:.0f} roll {:.0f}".format(*target.tolist()) if faces.task == "pose"
+                 else "valence {:.2f} arousal {:.2f}".format(*good[k]["va"].tolist()))
+        where = "landmarks" if bool(has[k]) else "layout"
+        draw.text((x, y + size + 2), f"{label} ({where})", fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sheet.save(path)
+    return {"path": path, "boxes": boxes, "landmarks": landmarks, "has_landmarks": has,
+            "source": source, "samples": len(good), "unreadable": len(items) - len([
+                item for item in items if "error" not in item])}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a train.py checkpoint (best.pt)")
-    parser.add_argument("--dataset", choices=list(data.READERS))
-    parser.add_argument("--data-root")
-    parser.add_argument("--cache-dir", help="where the prepared caches are, if not in the data root")
-    parser.add_argument("--classes", type=int, help="protocol: AffectNet 8|7, CK+ 7|8")
-    parser.add_argument("--split", help="default: the split the paper reports on")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="folder for the confusion-matrix PNG (default: beside the checkpoint)")
-    parser.add_argument("--predict", metavar="IMAGE_OR_FOLDER", help="label face crops instead")
-    parser.add_argument("--predictions-out", metavar="FILE.csv|FILE.json",
-                        help="--predict: also write the predictions to a CSV or JSON file")
-    parser.add_argument("--export", metavar="FILE.pt2",
-                        help="save the deployable model with torch.export (+ FILE.json: classes, "
-                             "inputs, outputs)")
-    parser.add_argument("--export-onnx", metavar="FILE.onnx", help="save it as ONNX")
-    parser.add_argument("--extract-features", metavar="NPZ",
-                        help="with --dataset: save the split's pooled embeddings and targets")
-    parser.add_argument("--heads-on-features", nargs=2, metavar=("TRAIN_NPZ", "TEST_NPZ"),
-                        help="train linear and MLP heads on stored features (--extract-features) "
-                             "and score them; with --task")
-    parser.add_argument("--task", choices=list(hmtl.TASKS), default="classify",
-                        help="--heads-on-features: the task the heads learn")
-    parser.add_argument("--blend", metavar="OTHER.pt",
-                        help="with --dataset: score weight·checkpoint + (1 − weight)·OTHER logits "
-                             "over the dataset's classes; without --blend-weight, every weight "
-                             "0, 0.1, ..., 1 (the best is optimistic: picked on the split it scores)")
-    parser.add_argument("--blend-weight", type=float, help="--blend: the checkpoint's weight")
-    parser.add_argument("--convert-hsemotion", nargs=2, metavar=("HSEMOTION.pt", "OUT.pt"),
-                        help="unpickle an HSEmotion model (runs code from the file; needs timm) "
-                             "and save a plain timm state_dict for train.py --init timm:OUT.pt, "
-                             "its classes in --dataset's order (default affectnet)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-    if args.convert_hsemotion:
-        return convert_hsemotion(*args.convert_hsemotion, args.dataset or "affectnet", args.classes)
-    if args.heads_on_features:
-        results = heads_on_features(*args.heads_on_features, args.task)
-        for name, runs in results.items():  # the number that would pick best.pt
-            values = [hmtl.TASKS[args.task].selection(r, None) for r in runs]
-            print(f"{name:8} {args.task} score {np.mean(values):.4f} +- "
-                  f"{np.std(values, ddof=1):.4f} (seeds {', '.join(f'{v:.4f}' for v in values)})")
-        if args.json:
-            print(json.dumps(results, indent=1))
-        return results
-    if not args.checkpoint:
-        parser.error("--checkpoint is required")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    device = torch.device(args.device)
-    try:
-        model, config = load_checkpoint(args.checkpoint, device)
-    except CheckpointError as err:
-        raise SystemExit(f"error: {err}") from None
-    result = {}
-    if args.export:
-        result["export"] = export_program(model, args.export)
-    if args.export_onnx:
-        result["onnx"] = export_onnx(model, args.export_onnx)
-    if args.predict:
-        paths = image_paths(args.predict)
-        predictions = [{"image": path, **p} for path, p in
-                       zip(paths, predict(model, paths, args.batch_size))]
-        result["predictions"] = predictions
-        if args.predictions_out:
-            result["predictions_file"] = write_predictions(predictions, args.predictions_out)
-        if not args.json:
-            for p in predictions:  # the label, the top 3 class probabilities, VA, AUs
-                ranked = sorted(p.get("probabilities", {}).items(), key=lambda kv: -kv[1])[:3]
-                extra = [f"{k} {v:.3f}" for k, v in ranked] + \
-                    [f"{k} {p[k]:.3f}" for k in ("valence", "arousal") if k in p]
-                if "active_action_units" in p:
-                    extra.append("AUs: " + (" ".join(p["active_action_units"]) or "none"))
-                print(f"{p['image']}: {p.get('label', p.get('error'))}"
-                      + (f"  ({', '.join(extra)})" if extra else ""))
-            if args.predictions_out:
-                print(f"predictions written to {args.predictions_out}")
-    if args.dataset:
-        try:
-            classes = args.classes or (config.get("classes") if args.dataset == config["dataset"] else None)
-            faces = data.load(args.dataset, args.data_root, classes, args.cache_dir)
-            data.check_cache(faces, config["image_size"], args.data_root, config.get("classes"))
-        except data.DatasetError as err:
-            raise SystemExit(f"error: {err}") from None
-        split = args.split or faces.eval_split
-        if args.extract_features:
-            result["features"] = extract_features(model, config, faces, split, args.data_root,
-                                                  device, args.extract_features,
-                                                  args.batch_size, args.workers)
-            if args.json:
-                print(json.dumps(result, indent=1))
-            else:
-                print(f"features: {result['features']}")
-            return result
-        if args.blend:
-            result["blend"] = blend(model, config, args, faces, split, device)
-            if args.json:
-                print(json.dumps(result, indent=1))
-            return result
-        out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-        metrics = evaluate(model, config, faces, split, args.data_root, device,
-                           args.batch_size, args.workers, out_dir)
-        result["metrics"] = metrics
-        if not args.json:
-            if faces.name == "ckplus":
-                print(f"ckplus ({metrics['protocol']}, {metrics['folds']} folds): accuracy "
-                      f"{100 * metrics['accuracy_mean']:.2f} +- {100 * metrics['accuracy_std']:.2f} %")
-            else:
-                print_metrics(metrics, f"{faces.name} / {split}")
-                if "confusion_png" in metrics:
-                    print(f"  confusion matrix picture: {metrics['confusion_png']}")
+    def command(name, help_text, checkpoint=True, dataset=False):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if checkpoint:
+            sub.add_argument("--checkpoint", required=True, help="a train.py checkpoint (best.pt)")
+            sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        if dataset:
+            sub.add_argument("--dataset", required=True, choices=list(data.READERS))
+            sub.add_argument("--data-root")
+            sub.add_argument("--cache-dir", help="where the prepared caches are, if not in the data root")
+            sub.add_argument("--classes", type=int, help="protocol: AffectNet 8|7, CK+ 7|8")
+            sub.add_argument("--split", help="default: the split the dataset's papers report on")
+            sub.add_argument("--batch-size", type=int, default=128)
+            sub.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+        sub.add_argument("--json", action="store_true", help="print one JSON object")
+        return sub
+
+    score = command("score", "score a checkpoint with the dataset's protocol", dataset=True)
+    score.add_argument("--out", help="folder for the confusion-matrix PNG (default: beside the checkpoint)")
+    blend_ = command("blend", "score weight·checkpoint + (1 − weight)·OTHER over the dataset's "
+                              "classes; without --weight, every weight 0, 0.1, ..., 1 (the best is "
+                              "optimistic: picked on the split it scores)", dataset=True)
+    blend_.add_argument("other", metavar="OTHER.pt")
+    blend_.add_argument("--weight", type=float, help="the checkpoint's weight")
+    predict_ = command("predict", "label face crops (one image or a folder)")
+    predict_.add_argument("images", metavar="IMAGE_OR_FOLDER")
+    predict_.add_argument("--batch-size", type=int, default=128)
+    predict_.add_argument("--out", metavar="FILE.csv|FILE.json", help="also write the predictions there")
+    export = command("export", "the deployable model (no pretext head) as files")
+    export.add_argument("--pt2", metavar="FILE.pt2", help="torch.export (+ FILE.json: classes, inputs, outputs)")
+    export.add_argument("--onnx", metavar="FILE.onnx", help="ONNX, the description in its metadata")
+    features = command("features", "save a split's pooled embeddings and targets (.npz)", dataset=True)
+    features.add_argument("--out", required=True, metavar="FILE.npz")
+    heads = command("heads", "train linear and MLP heads on stored features and score them",
+                    checkpoint=False)
+    heads.add_argument("train_npz", metavar="TRAIN.npz")
+    heads.add_argument("test_npz", metavar="TEST.npz")
+    heads.add_argument("--task", choices=list(tasks.TASKS), default="classify")
+    convert = command("convert-hsemotion", "unpickle an HSEmotion model (runs code from the "
+                                           "file; needs timm) and save a plain timm state_dict "
+                                           "for train.py --init timm:OUT.pt, its classes in the "
+                                           "dataset's order", checkpoint=False)
+    convert.add_argument("source", metavar="HSEMOTION.pt")
+    convert.add_argument("out", metavar="OUT.pt")
+    convert.add_argument("--dataset", default="affectnet", choices=sorted(NATIVE_CLASSES))
+    convert.add_argument("--classes", type=int, help="keep the first N of the dataset's classes")
+    show = command("show", "training faces as the network gets them, with the in-painting "
+                           "regions and the puzzle drawn on them: one PNG", checkpoint=False)
+    show.add_argument("--dataset", default="demo", choices=list(data.READERS))
+    show.add_argument("--data-root")
+    show.add_argument("--classes", type=int, help="protocol: AffectNet 8|7, CK+ 7|8")
+    show.add_argument("--size", type=int, default=128)
+    show.add_argument("--count", type=int, default=12, help="faces on the sheet")
+    show.add_argument("--augment", default="weak", choices=list(data.AUGMENT_LEVELS))
+    show.add_argument("--out", help="the PNG to write (default: <dataset>-show.png)")
+    args = parser.parse_args(argv)
+    result = COMMANDS[args.command](args)
     if args.json:
-        print(json.dumps(result, indent=1))
-    elif args.export or args.export_onnx:
-        for kind in ("export", "onnx"):
-            if kind in result:
-                print(f"exported {kind}: {result[kind]}")
+        print(json.dumps(result, indent=1, default=str))
     return result
 
 
+def score_command(args):
+    model, config, faces, split = checkpoint_and_data(args)
+    metrics = evaluate(model, config, faces, split, args.data_root, model_device(model),
+                       args.batch_size, args.workers,
+                       args.out or os.path.dirname(os.path.abspath(args.checkpoint)))
+    if not args.json:
+        if faces.name == "ckplus":
+            print(f"ckplus ({metrics['protocol']}, {metrics['folds']} folds): accuracy "
+                  f"{100 * metrics['accuracy_mean']:.2f} +- {100 * metrics['accuracy_std']:.2f} %")
+        else:
+            print_metrics(metrics, f"{faces.name} / {split}")
+            if "confusion_png" in metrics:
+                print(f"  confusion matrix picture: {metrics['confusion_png']}")
+    return {"metrics": metrics}
+
+
+def blend_command(args):
+    model, config, faces, split = checkpoint_and_data(args)
+    return {"blend": blend(model, config, args, faces, split, model_device(model))}
+
+
+def features_command(args):
+    model, config, faces, split = checkpoint_and_data(args)
+    result = extract_features(model, config, faces, split, args.data_root, model_device(model),
+                              args.out, args.batch_size, args.workers)
+    if not args.json:
+        print(f"features: {result}")
+    return {"features": result}
+
+
+def predict_command(args):
+    model, _ = load_checkpoint(args.checkpoint, torch.device(args.device))
+    paths = image_paths(args.images)
+    predictions = [{"image": path, **p} for path, p in zip(paths, predict(model, paths, args.batch_size))]
+    if args.out:
+        write_predictions(predictions, args.out)
+    if not args.json:
+        for p in predictions:  # the label, the top 3 class probabilities, VA, AUs
+            ranked = sorted(p.get("probabilities", {}).items(), key=lambda kv: -kv[1])[:3]
+            extra = [f"{k} {v:.3f}" for k, v in ranked] + \
+                [f"{k} {p[k]:.3f}" for k in ("valence", "arousal") if k in p]
+            if "active_action_units" in p:
+                extra.append("AUs: " + (" ".join(p["active_action_units"]) or "none"))
+            print(f"{p['image']}: {p.get('label', p.get('error'))}"
+                  + (f"  ({', '.join(extra)})" if extra else ""))
+        if args.out:
+            print(f"predictions written to {args.out}")
+    return {"predictions": predictions, **({"predictions_file": args.out} if args.out else {})}
+
+
+def export_command(args):
+    if not (args.pt2 or args.onnx):
+        raise EvalError("say what to write: --pt2 FILE.pt2, --onnx FILE.onnx, or both")
+    model, _ = load_checkpoint(args.checkpoint, torch.device(args.device))
+    result = {}
+    if args.pt2:
+        result["export"] = export_program(model, args.pt2)
+    if args.onnx:
+        result["onnx"] = export_onnx(model, args.onnx)
+    if not args.json:
+        for kind, path in result.items():
+            print(f"exported {kind}: {path}")
+    return result
+
+
+def heads_command(args):
+    results = heads_on_features(args.train_npz, args.test_npz, args.task)
+    if not args.json:
+        for name, runs in results.items():  # the number that would pick best.pt
+            values = [tasks.TASKS[args.task].selection(r, None) for r in runs]
+            print(f"{name:8} {args.task} score {np.mean(values):.4f} +- "
+                  f"{np.std(values, ddof=1):.4f} (seeds {', '.join(f'{v:.4f}' for v in values)})")
+    return results
+
+
+def convert_command(args):
+    return convert_hsemotion(args.source, args.out, args.dataset, args.classes)
+
+
+def show_command(args):
+    faces = data.load(args.dataset, args.data_root, args.classes)
+    shown = contact_sheet(faces, args.out or f"{args.dataset}-show.png", size=args.size,
+                          count=args.count, level=args.augment)
+    print(f"wrote {shown['path']}: {shown['samples']} faces; regions without landmarks "
+          f"from {shown['source']}")
+    return shown
+
+
+def checkpoint_and_data(args):
+    """The checkpoint's model, its config, the dataset read (its prepared cache checked at the
+    model's size) and the split to score: the one the dataset's papers report, by default."""
+    model, config = load_checkpoint(args.checkpoint, torch.device(args.device))
+    classes = args.classes or (config.get("classes") if args.dataset == config["dataset"] else None)
+    faces = data.load(args.dataset, args.data_root, classes, args.cache_dir)
+    data.check_cache(faces, config["image_size"], args.data_root)
+    return model, config, faces, args.split or faces.eval_split
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+COMMANDS = {"score": score_command, "blend": blend_command, "predict": predict_command,
+            "export": export_command, "features": features_command, "heads": heads_command,
+            "convert-hsemotion": convert_command, "show": show_command}
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    try:
+        main()
+    except data.UserError as err:  # what was asked cannot be done: one line, no traceback
+        sys.exit(f"error: {err}")

@@ -41,10 +41,11 @@ B0_STAGES = [
 ]
 
 # Compound scaling coefficients: (width multiplier, depth multiplier, dropout before the
-# classifier, native resolution). B0 and B2 as published; resolution is informational only.
+# classifier), B0 and B2 as published. Their native resolutions are 224 and 260 px; any size
+# runs (the network ends in a global pool).
 VARIANTS = {
-    "b0": dict(width=1.0, depth=1.0, dropout=0.2, resolution=224),
-    "b2": dict(width=1.1, depth=1.2, dropout=0.3, resolution=260),
+    "b0": dict(width=1.0, depth=1.0, dropout=0.2),
+    "b2": dict(width=1.1, depth=1.2, dropout=0.3),
 }
 
 STOCHASTIC_DEPTH = 0.2  # drop probability reached by the last block, rising linearly from 0
@@ -213,7 +214,7 @@ class EfficientNet(nn.Module):
     dropout -> linear classifier."""
 
     def __init__(self, width, depth, dropout, num_classes=1000, stochastic_depth=STOCHASTIC_DEPTH,
-                 memory_efficient=False, resolution=None, zero_init_residual=False, bn_eps=1e-5,
+                 memory_efficient=False, zero_init_residual=False, bn_eps=1e-5,
                  same_padding=False):
         super().__init__()
         stages = [(e, k, s, scale_width(i, width), scale_width(o, width), scale_depth(n, depth))
@@ -301,6 +302,42 @@ IMAGENET_WEIGHTS = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# torch.tensor(python_values, device="cuda") copies from the host and waits for the copy, at
+# every call; so does indexing with a Python list. A training step makes none: each constant is
+# made once per device and kept.
+_DEVICE_CONSTANTS = {}
+
+
+def device_constant(values, device, dtype=torch.float32):
+    """torch.tensor(values, dtype, device), made once per (values, device, dtype). `values` is
+    a tuple (nested tuples for more dimensions). Treat the result as read-only."""
+    key = (values, torch.device(device), dtype)
+    if key not in _DEVICE_CONSTANTS:
+        _DEVICE_CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _DEVICE_CONSTANTS[key]
+
+
+def per_channel(values, device):
+    """A (1, C, 1, 1) device constant: made in that shape rather than viewed, so an exported
+    program holds it as a whole tensor."""
+    return device_constant((tuple(((v,),) for v in values),), device)
+
+
+def normalize(pixels):
+    """uint8 or [0, 255] float images (N, 3, H, W) -> ImageNet-normalised float: the input every
+    model here is trained on, and the one ImageNet initialisation needs. The one place it is
+    written: augmentation, evaluation, prediction and the exported files all call it."""
+    mean = per_channel(IMAGENET_MEAN, pixels.device) * 255
+    std = per_channel(IMAGENET_STD, pixels.device) * 255
+    return (pixels.float() - mean) / std
+
+
+def denormalize(images):
+    """The inverse of normalize(): normalised images -> float pixels in [0, 255] (to look at)."""
+    mean = per_channel(IMAGENET_MEAN, images.device) * 255
+    std = per_channel(IMAGENET_STD, images.device) * 255
+    return images * std + mean
 
 
 def imagenet_weights_path(arch):
@@ -396,7 +433,7 @@ def read_state_dict(path):
     except Exception as err:  # a pickled whole module, or not a torch file at all
         raise RuntimeError(f"{path} is not a plain state_dict ({err.__class__.__name__}); an "
                            f"HSEmotion file is a pickled module: convert it first with "
-                           f"python eval.py --convert-hsemotion") from None
+                           f"python eval.py convert-hsemotion") from None
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 

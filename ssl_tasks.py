@@ -4,11 +4,18 @@ Pourmirzaei et al. (arXiv 2105.06421) train a facial task jointly with one of th
 encoder. Everything here works on a whole batch on its device (the GPU in real runs): no
 per-sample Python loop, nothing in the data loader.
 
-Each transform is a small function with its own docstring, written to be copied on its own:
+Each pretext task is one module that the HMTL model is built from, with two methods:
+  transform(images, landmarks, has_landmarks, generator) -> (transformed images, its target)
+  loss(feature_map, images, target, encoder)             -> (loss, parts to log)
+
+    Puzzle   shuffle the tiles of a g x g grid; predict where each tile came from
+    Inpaint  blank out two facial parts; reconstruct them (masked L1 + perceptual loss)
+
+Their pieces are small functions with their own docstrings, written to be copied on their own:
   puzzle / unpuzzle               shuffle the tiles of a g x g grid, and undo it
   PuzzleHead, puzzle_loss         predict, for each grid position, which tile sits there
   region_boxes, region_mask       facial-part boxes from 68 landmarks or the dataset's layout
-  five_point_layout, chip_layout  a layout from five points, or from how the crops were made
+  five_point_layout, median_layout  a layout from five points, or from many faces' landmarks
   mask_images                     blank out the masked regions
   InpaintDecoder, inpaint_loss    reconstruct the image; masked L1 + perceptual loss
 """
@@ -17,21 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ----------------------------------------------------------------------------------------------
-# Constants on the device. torch.tensor(python_values, device="cuda") copies from the host and
-# waits for the copy, at every call; so does indexing with a Python list. A training step
-# makes none: each constant is made once per device and kept.
-
-_DEVICE_CONSTANTS = {}
-
-
-def device_constant(values, device, dtype=torch.float32):
-    """torch.tensor(values, dtype, device), made once per (values, device, dtype). `values` is
-    a tuple (nested tuples for more dimensions). Treat the result as read-only."""
-    key = (values, torch.device(device), dtype)
-    if key not in _DEVICE_CONSTANTS:
-        _DEVICE_CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
-    return _DEVICE_CONSTANTS[key]
+from models import device_constant  # constants made once per device: no host sync per step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +98,22 @@ def puzzle_loss(logits, order):
     return F.cross_entropy(logits.flatten(0, 1).float(), order.flatten())
 
 
+class Puzzle(nn.Module):
+    """Puzzling as a part of the model: the images' tiles shuffled; from the pooled feature of
+    the puzzled image, the head names the tile at every grid position."""
+
+    def __init__(self, feature_width, grid=3):
+        super().__init__()
+        self.grid = grid
+        self.head = PuzzleHead(feature_width, grid)
+
+    def transform(self, images, landmarks=None, has_landmarks=None, generator=None):
+        return puzzle(images, self.grid, generator)
+
+    def loss(self, feature_map, images, order, encoder):
+        return puzzle_loss(self.head(encoder.pool(feature_map)), order), {}
+
+
 # ----------------------------------------------------------------------------------------------
 # Region-masking in-painting ("in-painting-pl", the paper's best). Our design, as the paper's
 # body is not public: blank out whole facial parts and reconstruct them from the shared
@@ -140,14 +149,12 @@ FIVE_POINT_REGIONS = {
     "right_brow": (-0.611, -0.414, 0.503, -0.166), "left_brow": (-0.503, -0.414, 0.611, -0.166),
     "nose": (-0.349, -0.791, 0.349, 0.413), "mouth": (-0.669, -0.186, 0.669, 0.330),
 }
-# The same mean face's five points in its own unit square (x across the brows, y down).
-MEAN_FACE_FIVE_POINTS = ((0.2255, 0.2160), (0.7548, 0.2160), (0.4901, 0.5156),
-                         (0.2541, 0.7802), (0.7261, 0.7802))
 
 
 def five_point_layout(points, width=1.0, height=1.0):
-    """A region layout (as CANONICAL_BOXES) from five points (x, y) in pixels of a width x
-    height crop: right eye, left eye (the subject's), nose tip, right and left mouth corner."""
+    """A region layout (as CANONICAL_BOXES) from five points (x, y) of a width x height crop
+    (by default fractions of it): right eye, left eye (the subject's), nose tip, right and left
+    mouth corner."""
     (rx, ry), (lx, ly), nose, mouth_right, mouth_left = [tuple(map(float, p)) for p in points]
     distance = ((lx - rx) ** 2 + (ly - ry) ** 2) ** 0.5
     anchors = {"right_eye": (rx, ry), "left_eye": (lx, ly), "right_brow": (rx, ry),
@@ -159,13 +166,6 @@ def five_point_layout(points, width=1.0, height=1.0):
         layout[region] = ((ax + x0 * distance) / width, (ay + y0 * distance) / height,
                           (ax + x1 * distance) / width, (ay + y1 * distance) / height)
     return layout
-
-
-def chip_layout(padding):
-    """The layout of a crop made like dlib's face chips: the mean face's unit square grown by
-    `padding` of its size on every side, then squared into the crop."""
-    return five_point_layout([((padding + x) / (1 + 2 * padding), (padding + y) / (1 + 2 * padding))
-                              for x, y in MEAN_FACE_FIVE_POINTS])
 
 
 def region_boxes(batch_size, height, width, landmarks=None, has_landmarks=None, margin=0.25,
@@ -206,6 +206,14 @@ def region_boxes(batch_size, height, width, landmarks=None, has_landmarks=None, 
         boxes = torch.where(use, from_landmarks, boxes)
     limit = device_constant((width, height, width, height), device, boxes.dtype)
     return torch.minimum(boxes.clamp(min=0), limit)
+
+
+def median_layout(landmarks, size):
+    """The median landmark box of every region over many faces (landmarks (N, 68, 2) in pixels
+    of size x size crops), as a layout: for the faces of a landmark dataset that have none."""
+    boxes = region_boxes(len(landmarks), size, size, landmarks, jitter=0.0)
+    median = (boxes.median(0).values / size).tolist()
+    return {region: tuple(round(v, 4) for v in box) for region, box in zip(REGIONS, median)}
 
 
 def region_mask(boxes, height, width, regions_per_image=2, generator=None):
@@ -301,6 +309,53 @@ def inpaint_loss(reconstruction, images, mask, perceptual_net=None, perceptual_w
     return l1 + perceptual_weight * perceptual, l1, perceptual
 
 
+PERCEPTUAL_STAGES = 2  # the encoder's stem + first MBConv stage: 0.84x SL speed; 3 stages, 0.71x
+PERCEPTUALS = ("backbone", "vgg16", "none")
+
+
+class Inpaint(nn.Module):
+    """Region-masking in-painting as a part of the model: `regions_per_image` facial parts
+    blanked out (from each face's landmarks, else from `layout`, where the dataset's crops put
+    the parts); the decoder reconstructs the image from the feature map of the masked one,
+    judged by masked L1 + `perceptual_weight` x a perceptual loss on frozen features of the
+    encoder's early stages ("backbone"), of VGG16 ("vgg16"), or none. The layout is a buffer,
+    saved with the model."""
+
+    def __init__(self, feature_width, regions_per_image=2, mask_fill="zero", perceptual="backbone",
+                 perceptual_weight=1.0, layout=None, vgg_weights=None):
+        super().__init__()
+        if perceptual not in PERCEPTUALS:
+            raise ValueError(f"unknown perceptual network {perceptual!r}; choose from {PERCEPTUALS}")
+        self.regions_per_image, self.mask_fill = regions_per_image, mask_fill
+        self.perceptual, self.perceptual_weight = perceptual, perceptual_weight
+        self.decoder = InpaintDecoder(feature_width)
+        layout = CANONICAL_BOXES if layout is None else layout
+        self.register_buffer("region_layout", torch.tensor([layout[r] for r in REGIONS]))
+        if perceptual == "vgg16":  # frozen (requires_grad False): saved, never trained
+            self.vgg = vgg16_perceptual_net(vgg_weights)
+
+    def transform(self, images, landmarks=None, has_landmarks=None, generator=None):
+        n, _, h, w = images.shape
+        boxes = region_boxes(n, h, w, landmarks, has_landmarks, generator=generator,
+                             device=images.device, layout=self.region_layout)
+        mask = region_mask(boxes, h, w, self.regions_per_image, generator).to(images.dtype)
+        return mask_images(images, mask, self.mask_fill), mask
+
+    def perceptual_net(self, encoder):
+        if self.perceptual == "vgg16":
+            return self.vgg
+        if self.perceptual == "backbone":
+            early = encoder.features[:PERCEPTUAL_STAGES]
+            return lambda images: frozen_features(early, images)
+        return None
+
+    def loss(self, feature_map, images, mask, encoder):
+        reconstruction = self.decoder(feature_map, images.shape[-2:])
+        total, l1, perceptual = inpaint_loss(reconstruction, images, mask,
+                                             self.perceptual_net(encoder), self.perceptual_weight)
+        return total, {"l1": l1.detach(), "perceptual": perceptual.detach()}
+
+
 VGG16_LAYERS = 16  # features[:16]: up to relu3_3, the usual perceptual layers
 
 
@@ -317,7 +372,7 @@ def vgg16_perceptual_net(weights_path=None):
             torch.hub.load_state_dict_from_url(url, progress=False)  # cache hit, or download
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as err:  # no network, missing or unreadable file
-        raise RuntimeError(f"--perceptual vgg16 needs the VGG16 ImageNet weights "
+        raise RuntimeError(f"the vgg16 perceptual network needs the VGG16 ImageNet weights "
                            f"({err.__class__.__name__}): place {url} at {path}") from None
     features = torchvision.models.vgg16().features[:VGG16_LAYERS]
     wanted = {f"features.{k}" for k in features.state_dict()}

@@ -30,12 +30,21 @@ import bench
 import data
 import eval as evaluation
 import hmtl
-import train
 import models
 import ssl_tasks
+import tasks
+import train
 
 ARCHS = ["b0", "b2"]
 HERE = Path(__file__).parent
+
+
+def hmtl_model(arch="b0", task="classify", num_classes=8, ssl="none", weights=None, graph=None,
+               node_vectors=None, **settings):
+    """An HMTL model built as train.py builds it, from DEFAULTS and `settings`."""
+    config = {**train.DEFAULTS, "arch": arch, "task": task, "ssl": ssl, **settings}
+    classes = [f"class {k}" for k in range(num_classes)] if num_classes else None
+    return hmtl.build(config, classes, weights, graph, node_vectors)
 
 
 def torchvision_efficientnet(arch, **kwargs):
@@ -376,11 +385,11 @@ def test_mask_images_fills_only_masked_pixels():
 @pytest.mark.parametrize("perceptual", ["backbone", "none"])
 def test_inpaint_loss_is_zero_only_for_a_perfect_reconstruction(perceptual):
     torch.manual_seed(0)
-    model = hmtl.HMTL("b0", ssl="inpaint", perceptual=perceptual)
+    model = hmtl_model("b0", ssl="inpaint", perceptual=perceptual)
     images = torch.randn(2, 3, 64, 64)
     mask = torch.zeros(2, 1, 64, 64)
     mask[:, :, 20:40, 16:48] = 1
-    net = model.perceptual_net()
+    net = model.pretext.perceptual_net(model.encoder)
     outside_wrong = images + (1 - mask) * torch.randn_like(images)  # perfect inside the mask
     total, l1, perc = ssl_tasks.inpaint_loss(outside_wrong, images, mask, net)
     assert total.item() == 0 and l1.item() == 0 and perc.item() == 0
@@ -397,13 +406,13 @@ def test_decoder_restores_the_input_size():
 
 
 def test_perceptual_features_never_train_the_network():
-    model = hmtl.HMTL("b0", ssl="inpaint").train()
-    early = model.encoder.features[:hmtl.PERCEPTUAL_STAGES]
+    model = hmtl_model("b0", ssl="inpaint").train()
+    early = model.encoder.features[:ssl_tasks.PERCEPTUAL_STAGES]
     stats = [b.clone() for b in early.buffers()]
     reconstruction = torch.randn(2, 3, 64, 64, requires_grad=True)
     mask = torch.ones(2, 1, 64, 64)
     _, _, perceptual = ssl_tasks.inpaint_loss(reconstruction, torch.randn(2, 3, 64, 64), mask,
-                                              model.perceptual_net())
+                                              model.pretext.perceptual_net(model.encoder))
     perceptual.backward()
     assert reconstruction.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
@@ -433,36 +442,36 @@ def test_vgg16_perceptual_net_loads_a_local_file_and_fails_in_one_line(tmp_path,
 
 def test_ccc_and_the_va_loss():
     target = torch.tensor([[0.5, -0.2], [-0.3, 0.4], [0.9, 0.1], [-0.8, -0.6]])
-    assert hmtl.va_loss(target.clone(), target).item() == pytest.approx(0, abs=1e-6)
+    assert tasks.va_loss(target.clone(), target).item() == pytest.approx(0, abs=1e-6)
     shifted = target[:, 0] + 0.5          # CCC = 2 var / (2 var + shift^2)
     var = target[:, 0].var(unbiased=False)
-    assert hmtl.ccc(shifted, target[:, 0]).item() == pytest.approx((2 * var / (2 * var + 0.25)).item(), rel=1e-5)
+    assert tasks.ccc(shifted, target[:, 0]).item() == pytest.approx((2 * var / (2 * var + 0.25)).item(), rel=1e-5)
     centred = target[:, 0] - target[:, 0].mean()   # mirrored around a zero mean: CCC = -1
-    assert hmtl.ccc(-centred, centred).item() == pytest.approx(-1, abs=1e-5)
+    assert tasks.ccc(-centred, centred).item() == pytest.approx(-1, abs=1e-5)
     pred = torch.randn(4, 2)
     with_sentinels = torch.cat([target, torch.tensor([[-2.0, -2.0], [0.3, -5.0]])])
     pred_extra = torch.cat([pred, torch.tensor([[9.0, 9.0], [0.1, 7.0]])])
     # the (0.3, -5) row counts for valence only
-    expected = (1 - hmtl.ccc(torch.cat([pred[:, 0], torch.tensor([0.1])]),
+    expected = (1 - tasks.ccc(torch.cat([pred[:, 0], torch.tensor([0.1])]),
                              torch.cat([target[:, 0], torch.tensor([0.3])]))) + \
-               (1 - hmtl.ccc(pred[:, 1], target[:, 1]))
-    torch.testing.assert_close(hmtl.va_loss(pred_extra, with_sentinels), expected)
-    assert hmtl.va_loss(pred, torch.full((4, 2), -2.0)).item() == 0
+               (1 - tasks.ccc(pred[:, 1], target[:, 1]))
+    torch.testing.assert_close(tasks.va_loss(pred_extra, with_sentinels), expected)
+    assert tasks.va_loss(pred, torch.full((4, 2), -2.0)).item() == 0
 
 
 def test_pose_bins_and_expectation():
     angles = torch.tensor([-99.0, -97.0, -96.0, 0.0, 1.5, 98.9])
-    assert hmtl.pose_to_bins(angles).tolist() == [0, 0, 1, 33, 33, 65]
-    centres = hmtl.pose_bin_centres()
+    assert tasks.pose_to_bins(angles).tolist() == [0, 0, 1, 33, 33, 65]
+    centres = tasks.pose_bin_centres()
     assert centres[0] == -97.5 and centres[33] == 1.5 and centres[-1] == 97.5
     one_hot = F.one_hot(torch.tensor([[0, 33, 65]]), 66).float() * 1000
-    assert hmtl.pose_expectation(one_hot).tolist() == [[-97.5, 1.5, 97.5]]
-    loss = hmtl.pose_loss(one_hot.flatten(1), torch.tensor([[-97.5, 1.5, 97.5]]))
+    assert tasks.pose_expectation(one_hot).tolist() == [[-97.5, 1.5, 97.5]]
+    loss = tasks.pose_loss(one_hot.flatten(1), torch.tensor([[-97.5, 1.5, 97.5]]))
     assert loss.item() == pytest.approx(0, abs=1e-4)
 
 
 def test_class_weights_follow_the_official_rule():
-    assert hmtl.class_weights([10, 5, 20, 0]).tolist() == [2.0, 4.0, 1.0, 0.0]
+    assert tasks.class_weights([10, 5, 20, 0]).tolist() == [2.0, 4.0, 1.0, 0.0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,7 +481,7 @@ def test_class_weights_follow_the_official_rule():
 @pytest.mark.parametrize("view", ["shared", "separate"])
 def test_pretext_gradients_reach_the_encoder(ssl, view):
     torch.manual_seed(0)
-    model = hmtl.HMTL("b0", "classify", 8, ssl, view=view, task_weight=0.0).train()
+    model = hmtl_model("b0", "classify", 8, ssl, view=view, task_weight=0.0).train()
     parts, outputs = model.losses(torch.randn(4, 3, 64, 64),
                                   generator=torch.Generator().manual_seed(0))
     assert outputs is None and set(parts) >= {"loss", "ssl"} and "task" not in parts
@@ -493,10 +502,10 @@ def test_pretext_gradients_reach_the_encoder(ssl, view):
 @pytest.mark.parametrize("ssl", ["none", "puzzle", "inpaint"])
 def test_joint_loss_is_task_plus_lambda_ssl(task, targets, ssl):
     torch.manual_seed(0)
-    model = hmtl.HMTL("b0", task, 8, ssl, lambda_ssl=0.3).train()
+    model = hmtl_model("b0", task, 8, ssl, lambda_ssl=0.3).train()
     parts, outputs = model.losses(torch.randn(4, 3, 64, 64), targets,
                                   generator=torch.Generator().manual_seed(0))
-    assert outputs.shape == (4, hmtl.task_outputs(task, 8))
+    assert outputs.shape == (4, tasks.task_outputs(task, 8))
     expected = parts["task"] + 0.3 * parts.get("ssl", 0)
     torch.testing.assert_close(parts["loss"].detach(), expected)
     if ssl == "inpaint":
@@ -509,7 +518,7 @@ def test_shared_view_feeds_the_task_head_the_transformed_image():
     torch.manual_seed(0)
     images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
     for view, sees_clean in (("shared", False), ("separate", True)):
-        model = hmtl.HMTL("b0", "classify", 8, "puzzle", view=view).eval()  # BN: no batch mixing
+        model = hmtl_model("b0", "classify", 8, "puzzle", view=view).eval()  # BN: no batch mixing
         torch.nn.init.normal_(model.encoder.classifier[1].weight)  # the head starts at zero
         with torch.no_grad():
             _, outputs = model.losses(images, {"target": labels}, generator=torch.Generator().manual_seed(0))
@@ -521,7 +530,7 @@ def test_shared_view_feeds_the_task_head_the_transformed_image():
 @pytest.mark.parametrize("ssl", ["puzzle", "inpaint"])
 def test_export_drops_the_pretext_heads_and_keeps_the_task_outputs(ssl):
     torch.manual_seed(0)
-    model = hmtl.HMTL("b0", "classify", 8, ssl).train()
+    model = hmtl_model("b0", "classify", 8, ssl).train()
     for _ in range(2):  # move BN statistics and weights away from their initial values
         parts, _ = model.losses(torch.randn(4, 3, 64, 64), {"target": torch.randint(0, 8, (4,))})
         parts["loss"].backward()
@@ -531,8 +540,8 @@ def test_export_drops_the_pretext_heads_and_keeps_the_task_outputs(ssl):
                     p -= 0.01 * p.grad
     deployed = hmtl.export(model)
     keys = set(deployed.state_dict())
-    assert not any(k.startswith(("puzzle_head", "decoder", "vgg")) for k in keys)
-    assert any(k.startswith(("puzzle_head", "decoder")) for k in model.state_dict())
+    assert not any(k.startswith("pretext.") for k in keys)
+    assert any(k.startswith(("pretext.head", "pretext.decoder")) for k in model.state_dict())
     assert sum(p.numel() for p in deployed.parameters()) == 4_017_796  # a plain B0, 8 classes
     torchvision_efficientnet("b0", num_classes=8).load_state_dict(deployed.state_dict())
     model.eval()
@@ -548,7 +557,7 @@ def test_a_fresh_model_knows_nothing_and_its_residual_blocks_start_as_the_identi
     residual block starts as the identity (zero_init_residual), and the pretext heads start
     near chance too: the puzzle at ln 9 per position."""
     torch.manual_seed(0)
-    model = hmtl.HMTL("b0", "classify", 8, ssl, view="separate").train()
+    model = hmtl_model("b0", "classify", 8, ssl, view="separate").train()
     images = 3 * torch.randn(16, 3, 64, 64)
     parts, outputs = model.losses(images, {"target": torch.randint(0, 8, (16,))},
                                   generator=torch.Generator().manual_seed(0))
@@ -568,29 +577,31 @@ def test_a_fresh_model_knows_nothing_and_its_residual_blocks_start_as_the_identi
 
 
 def test_hmtl_rejects_unknown_settings():
-    with pytest.raises(ValueError, match="unknown ssl"):
-        hmtl.HMTL(ssl="rotation")
+    with pytest.raises(ValueError, match="unknown pretext task"):
+        hmtl_model(ssl="rotation")
     with pytest.raises(ValueError, match="unknown task"):
-        hmtl.HMTL(task="age")
+        hmtl_model(task="age")
     with pytest.raises(ValueError, match="pretext-only"):
-        hmtl.HMTL(ssl="none", task_weight=0.0)
+        hmtl_model(ssl="none", task_weight=0.0)
 
 
 def test_recipes_cover_every_experiment_and_set_only_known_settings():
-    for name in hmtl.RECIPES:
-        config = hmtl.recipe(name)
-        assert set(config) == set(hmtl.DEFAULTS)
+    for name in train.RECIPES:
+        config = train.recipe(name)
+        assert set(config) == set(train.DEFAULTS)
     expected = ["affectnet8-scratch-none", "affectnet8-imagenet-strong",        # 1
                 "affectnet8-sl-b0", "affectnet8-puzzle-b2", "affectnet8-inpaint-b0",  # 2
                 "affectnet8-20pct-sl", "affectnet8-20pct-inpaint",               # 3
                 "affectnet8-pretrain-inpaint", "affectnet8-finetune",            # 4
                 "headpose-puzzle", "gender-celeba-sl", "demo-inpaint"]           # 6, 7, demo
-    assert set(expected) <= set(hmtl.RECIPES)
-    assert hmtl.recipe("affectnet8-20pct-puzzle")["train_fraction"] == 0.2
-    assert hmtl.recipe("affectnet8-pretrain-puzzle")["task_weight"] == 0
-    assert hmtl.recipe("affectnet8-inpaint-b2")["arch"] == "b2"
-    with pytest.raises(ValueError, match="unknown recipe 'nope'; known: .*demo-sl"):
-        hmtl.recipe("nope")
+    assert set(expected) <= set(train.RECIPES)
+    assert train.recipe("affectnet8-20pct-puzzle")["train_fraction"] == 0.2
+    assert train.recipe("affectnet8-pretrain-puzzle")["task_weight"] == 0
+    assert train.recipe("affectnet8-inpaint-b2")["arch"] == "b2"
+    with pytest.raises(data.UnknownName, match="unknown recipe 'nope'; choose from .*demo-sl"):
+        train.recipe("nope")
+    with pytest.raises(data.UnknownName, match="unknown recipe 'demo-inpant'; did you mean demo-inpaint"):
+        train.recipe("demo-inpant")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1273,7 +1284,7 @@ def test_affwild2_training_selects_by_macro_f1(affwild2_root, tmp_path, capsys):
     assert json.loads((tmp_path / "va" / "config.json").read_text())["task"] == "va"
 
 
-MTL_HEADER = "image,valence,arousal,expression," + ",".join(hmtl.AU_NAMES)
+MTL_HEADER = "image,valence,arousal,expression," + ",".join(data.AU_NAMES)
 
 
 @pytest.fixture
@@ -1357,13 +1368,13 @@ def test_p_mtl_known_answers():
     assert perfect["ccc_valence"] == pytest.approx(1) and perfect["au_f1_per_au"]["AU1"] == 1.0
     # per-AU thresholds: AU1's labelled probabilities 0.9, 0.6, 0.4 (true 1, 0, 1) give F1 4/5 at
     # 0.1-0.4, 1/2 at 0.5-0.6, 2/3 at 0.7-0.9: the first best, 0.1
-    tuned = hmtl.tuned_au_thresholds(au_prob, au_true)
+    tuned = tasks.tuned_au_thresholds(au_prob, au_true)
     assert tuned[0] == 0.1 and evaluation.p_mtl(
         {"va": va_pred, "expression": logits, "au": au_prob},
         {"va": va_true, "expression": expression, "au": au_true}, tuned)["au_f1_per_au"]["AU1"] == pytest.approx(0.8)
     # a batch whose frames lack a task's labels contributes 0 for it, never NaN
     outputs = torch.randn(2, 22, requires_grad=True)
-    loss = hmtl.mtl_loss(outputs, {"target": torch.tensor([-1, -1]), "va": torch.full((2, 2), -5.0),
+    loss = tasks.mtl_loss(outputs, {"target": torch.tensor([-1, -1]), "va": torch.full((2, 2), -5.0),
                                    "au": torch.full((2, 12), -1.0)}, 8)
     assert loss.item() == 0.0
     loss.backward()
@@ -1381,11 +1392,11 @@ def test_mtl_trains_and_evaluates_on_s_affwild2(affwild2_mtl_root, tmp_path, ssl
     test = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
             if '"kind": "test"' in line][-1]
     assert test["split"] == "val" and {"p_mtl", "ccc_valence", "expression_f1", "au_f1"} <= set(test)
-    result = evaluation.main(["--checkpoint", str(tmp_path / "best.pt"), "--dataset", "affwild2_mtl",
+    result = evaluation.main(["score", "--checkpoint", str(tmp_path / "best.pt"), "--dataset", "affwild2_mtl",
                               "--data-root", str(affwild2_mtl_root), "--workers", "0", "--json"])
     metrics = result["metrics"]
     assert 0 < metrics["p_mtl_constant_baseline"] < 3
-    assert set(metrics["au_f1_per_au"]) == set(hmtl.AU_NAMES) and "tuned_thresholds_optimistic" in metrics
+    assert set(metrics["au_f1_per_au"]) == set(data.AU_NAMES) and "tuned_thresholds_optimistic" in metrics
     assert metrics["frames"] == {"va": 7, "expression": 7, "au": 7}
 
 
@@ -1403,7 +1414,7 @@ def test_heads_on_stored_features_learn_every_mtl_term(tmp_path, capsys):
     for name, rows in (("train", slice(0, 300)), ("test", slice(300, n))):
         np.savez(tmp_path / f"{name}.npz", features=features[rows], target=expression[rows],
                  va=va[rows].astype(np.float32), au=au[rows], classes=np.array([str(c) for c in range(8)]))
-    results = evaluation.main(["--heads-on-features", str(tmp_path / "train.npz"),
+    results = evaluation.main(["heads", str(tmp_path / "train.npz"),
                                str(tmp_path / "test.npz"), "--task", "mtl"])
     assert set(results) == {"linear", "mlp 256"} and all(len(runs) == 3 for runs in results.values())
     for runs in results.values():
@@ -1430,7 +1441,7 @@ def test_abaw_lsd_trains_on_synthetic_faces_and_reports_macro_f1_over_six(tmp_pa
     test = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
             if '"kind": "test"' in line][-1]
     assert test["split"] == "val" and test["samples"] == 12 and "macro_f1" in test
-    assert hmtl.TASKS["classify"].selection({"macro_f1": 0.3, "accuracy": 0.9}, "abaw_lsd") == 0.3
+    assert tasks.TASKS["classify"].selection({"macro_f1": 0.3, "accuracy": 0.9}, "abaw_lsd") == 0.3
 
 
 def test_missing_roots_and_unknown_layouts_fail_in_one_line(tmp_path):
@@ -1440,9 +1451,9 @@ def test_missing_roots_and_unknown_layouts_fail_in_one_line(tmp_path):
         with pytest.raises(data.DatasetError) as err:
             data.load(name, str(root))
         assert "\n" not in str(err.value) and str(root) in str(err.value)
-    with pytest.raises(data.DatasetError, match="unknown dataset"):
-        data.load("imagenet", str(tmp_path))
-    with pytest.raises(data.DatasetError, match="--data-root is required"):
+    with pytest.raises(data.UnknownName, match="unknown dataset 'affectnt'; did you mean affectnet"):
+        data.load("affectnt", str(tmp_path))
+    with pytest.raises(data.DatasetError, match="affectnet needs its data root"):
         data.load("affectnet", None)
     with pytest.raises(SystemExit, match="error: AffectNet: expected a folder"):
         data.main(["summary", "--dataset", "affectnet", "--data-root", str(tmp_path / "x")])
@@ -1474,7 +1485,7 @@ def test_prepared_cache_matches_the_plain_reader_and_is_atomic(affectnet_root):
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         data.prepare(d, str(affectnet_root), 32, workers=0, progress=interrupt)
-    target = data.cache_dir(str(affectnet_root), "affectnet", 32)
+    target = data.cache_dir(str(affectnet_root), d, 32)
     assert not Path(target, "meta.json").exists()  # no half cache is ever used
     directory = data.prepare(d, str(affectnet_root), 32, workers=0, progress=lambda line: None)
     assert directory == target
@@ -1510,27 +1521,29 @@ def test_a_changed_dataset_never_trains_on_its_stale_cache(tmp_path, capsys):
     before = data.load("folder", str(root))
     write_faces_folder(root, 20, 30)
     now = data.load("folder", str(root))
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(data.StaleCache) as stop:
         train.main(flags)
     message = str(stop.value)
-    assert "\n" not in message and "is stale" in message and "--prepare" in message
+    assert "\n" not in message and "is stale" in message and "data.py prepare" in message
     assert f"train had {len(before.splits['train'])} samples, now {len(now.splits['train'])}" in message
     train.main([*flags, "--prepare"])
-    cache = data.check_cache(now, 16, str(root), 8)  # the run's cache (its config says 8 classes)
+    cache = data.check_cache(now, 16, str(root))  # the cache data.py prepare writes is the run's
+    assert os.path.basename(cache) == "folder-16px"
+    assert json.loads(Path(tmp_path, "run", "config.json").read_text())["classes"] == 2  # its own count
     assert json.loads(Path(cache, "meta.json").read_text())["splits"]["train"]["samples"] == len(now.splits["train"])
     assert data.load("folder", str(root)).classes == ["happy", "sad"]  # the cache is no class
     # the same files, one replaced by another picture of the same name
     victim = now.splits["train"][0].image
     os.utime(victim, ns=(0, 0))
     with pytest.raises(data.StaleCache, match="train: labels or image files changed"):
-        data.open_split(data.load("folder", str(root)), "train", 16, str(root), 8)
+        data.open_split(data.load("folder", str(root)), "train", 16, str(root))
     # the whole folder moved: the cache inside it stays valid
-    data.prepare(data.load("folder", str(root)), str(root), 16, workers=0, classes=8,
-                 progress=lambda line: None)
+    data.main(["prepare", "--dataset", "folder", "--data-root", str(root), "--size", "16",
+               "--workers", "0"])  # the command line writes the cache that train.py reads
     moved = tmp_path / "elsewhere" / "faces"
     moved.parent.mkdir()
     os.rename(root, moved)
-    assert isinstance(data.open_split(data.load("folder", str(moved)), "train", 16, str(moved), 8),
+    assert isinstance(data.open_split(data.load("folder", str(moved)), "train", 16, str(moved)),
                       data.CachedDataset)
 
 
@@ -1563,30 +1576,32 @@ def inside(points, box, slack=0.0):
 def test_five_point_layouts_put_each_region_on_its_part():
     """five_point_layout on the 112-px aligned template: each eye box holds its eye centre, the
     brows sit above the eyes, the nose box holds the nose tip, the mouth box both corners."""
-    points = np.array(data.ALIGNED_112_FIVE_POINTS) / 112
-    layout = ssl_tasks.five_point_layout(data.ALIGNED_112_FIVE_POINTS, 112, 112)
+    points = np.array(data.ALIGNED_FIVE_POINTS)
+    layout = ssl_tasks.five_point_layout(np.array(data.ALIGNED_FIVE_POINTS) * 112, 112, 112)
     assert inside(points[:1], layout["right_eye"]) and inside(points[1:2], layout["left_eye"])
     assert inside(points[2:3], layout["nose"]) and inside(points[3:], layout["mouth"])
     for side in ("right", "left"):
         assert layout[f"{side}_brow"][3] <= layout[f"{side}_eye"][1] + 0.01  # above the eye
     assert layout["right_eye"][2] < layout["left_eye"][0]  # the subject's right eye is image-left
     # a chip layout is the mean face at a padding: more padding, a smaller face in the middle
-    tight, loose = ssl_tasks.chip_layout(0.1), ssl_tasks.chip_layout(0.4)
+    tight, loose = (ssl_tasks.five_point_layout(data.chip_five_points(p)) for p in (0.1, 0.4))
     width = lambda layout: layout["left_eye"][2] - layout["right_eye"][0]
     assert width(loose) < width(tight) and abs(tight["nose"][0] + tight["nose"][2] - 1) < 0.03
 
 
 def test_every_dataset_supplies_its_own_region_layout(tmp_path, affectnet_root, request):
     """The masking's layout is the dataset's: its template or crop geometry where it has no
-    landmarks, measured on its landmarks where it has them; the model masks with it."""
-    expected = {"utkface": data.UTKFACE_LAYOUT, "fer2013": data.FER2013_LAYOUT,
-                "ferplus": data.FER2013_LAYOUT, "ckplus48": data.TIGHT_CROP_LAYOUT,
-                "rafdb": data.ALIGNED_LAYOUT, "affwild2": data.ALIGNED_LAYOUT}
-    for name, layout in expected.items():
+    landmarks (data.py describes the five points, ssl_tasks turns them into regions), measured
+    on its landmarks where it has them; the model masks with it and saves it."""
+    expected = {"utkface": data.UTKFACE_FIVE_POINTS, "fer2013": data.FER2013_FIVE_POINTS,
+                "ferplus": data.FER2013_FIVE_POINTS, "ckplus48": data.TIGHT_CROP_FIVE_POINTS,
+                "rafdb": data.ALIGNED_FIVE_POINTS, "affwild2": data.ALIGNED_FIVE_POINTS}
+    for name, points in expected.items():
         folder = write_unpacked(name, tmp_path / name, request) if name != "affwild2" else \
             request.getfixturevalue("affwild2_root")
         faces = data.load("ckplus" if name == "ckplus48" else name, str(folder))
-        assert data.region_layout(faces) == (layout, f"{faces.name}'s crop layout"), name
+        assert evaluation.region_layout(faces) == (ssl_tasks.five_point_layout(points),
+                                                   f"{faces.name}'s crop layout"), name
     # CelebA: from its own points file when present (image-left eye first, 178x218 images)
     celeba = write_unpacked("celeba", tmp_path / "c", request)
     (celeba / "Anno" / "list_landmarks_align_celeba.txt").write_text(
@@ -1596,22 +1611,26 @@ def test_every_dataset_supplies_its_own_region_layout(tmp_path, affectnet_root, 
     celeba_faces = data.load("celeba", str(celeba))
     assert celeba_faces.skipped["train"] == Counter(
         {"list_landmarks_align_celeba.txt row unreadable (not in the masks' layout)": 1})
-    layout, _ = data.region_layout(celeba_faces)
+    layout, _ = evaluation.region_layout(celeba_faces)
     assert inside(np.array([[69 / 178, (111 - 20) / 178]]), layout["right_eye"])
     # a landmark dataset: measured on its own faces (here: the demo's)
-    measured = data.measured_layout(request.getfixturevalue("demo_faces"), size=64)
+    measured, source = evaluation.region_layout(request.getfixturevalue("demo_faces"), size=64)
+    assert source == "measured on demo's training landmarks"
     assert set(measured) == set(ssl_tasks.REGIONS)
     assert measured["mouth"][1] > measured["nose"][1] > measured["right_brow"][1]
     few = data.load("affectnet", str(affectnet_root))  # 8 faces: too few to measure
-    assert data.region_layout(few)[1].startswith("the default for detector crops")
-    model = hmtl.HMTL("b0", "classify", 7, "inpaint").train()
-    model.region_layout.copy_(torch.tensor([data.TIGHT_CROP_LAYOUT[r] for r in ssl_tasks.REGIONS]))
-    _, mask = model.pretext(torch.zeros(64, 3, 48, 48), generator=torch.Generator().manual_seed(0))
+    assert evaluation.region_layout(few)[1].startswith("the default for detector crops")
+    tight = ssl_tasks.five_point_layout(data.TIGHT_CROP_FIVE_POINTS)
+    model = hmtl.build({**train.DEFAULTS, "ssl": "inpaint"}, data.FER2013_CLASSES, region_layout=tight)
+    _, mask = model.pretext.transform(torch.zeros(64, 3, 48, 48), generator=torch.Generator().manual_seed(0))
     union = torch.zeros(48, 48)
     for r in ssl_tasks.REGIONS:
-        x0, y0, x1, y1 = (torch.tensor(data.TIGHT_CROP_LAYOUT[r]) * 48).tolist()
+        x0, y0, x1, y1 = (torch.tensor(tight[r]) * 48).tolist()
         union[max(0, int(y0) - 3):int(y1) + 3, max(0, int(x0) - 3):int(x1) + 3] = 1
     assert mask.sum() > 0 and (mask[:, 0] * (1 - union)).sum() == 0  # masks only on the layout
+    saved = hmtl.build({**train.DEFAULTS, "ssl": "inpaint"}, data.FER2013_CLASSES)  # the default layout
+    hmtl.load_state(saved, model.state_dict())
+    torch.testing.assert_close(saved.pretext.region_layout, model.pretext.region_layout)
 
 
 def test_fer2013_trains_with_its_recipes_unless_told_otherwise():
@@ -1620,10 +1639,10 @@ def test_fer2013_trains_with_its_recipes_unless_told_otherwise():
     for flags, name in (([], "fer2013-sl"), (["--ssl", "inpaint"], "fer2013-inpaint"),
                         (["--ssl", "puzzle", "--train-fraction", "0.2"], "fer2013-20pct-puzzle")):
         config = train.resolve_config(train.parse_args(["--dataset", "fer2013", *flags]))
-        assert config["recipe"] == name and config["train_fraction"] == hmtl.RECIPES[name].get("train_fraction", 1.0)
-        assert {k: config[k] for k in hmtl.RECIPES[name]} == hmtl.RECIPES[name]
+        assert config["recipe"] == name and config["train_fraction"] == train.RECIPES[name].get("train_fraction", 1.0)
+        assert {k: config[k] for k in train.RECIPES[name]} == train.RECIPES[name]
     config = train.resolve_config(train.parse_args(["--dataset", "fer2013", "--lr", "0.05"]))
-    assert config["lr"] == 0.05 and config["epochs"] == hmtl.RECIPES["fer2013-sl"]["epochs"]
+    assert config["lr"] == 0.05 and config["epochs"] == train.RECIPES["fer2013-sl"]["epochs"]
     assert train.resolve_config(train.parse_args(["--dataset", "rafdb"]))["recipe"] is None
 
 
@@ -1686,7 +1705,7 @@ def test_fer2013_bench_chooses_on_publictest_and_its_cells_are_what_compare_read
                for pct in ("", "20pct-") for name, variant in
                (("sl", dict(ssl="none")), ("puzzle", dict(ssl="puzzle", lambda_ssl=0.3, view="separate")),
                 ("inpaint", dict(ssl="inpaint", lambda_ssl=0.3, view="separate")))}
-    monkeypatch.setattr(hmtl, "RECIPES", {**hmtl.RECIPES, **recipes})
+    monkeypatch.setattr(hmtl, "RECIPES", {**train.RECIPES, **recipes})
     monkeypatch.setattr(train, "main", lambda *a, **k: pytest.fail("--compare retrained a finished cell"))
     table = train.compare(["--dataset", "fer2013", "--data-root", str(root), "--compare",
                            "--out", str(out / "compare")])
@@ -1738,9 +1757,10 @@ def demo_faces(demo_faces_root):
 
 def test_show_draws_the_faces_as_the_network_gets_them_with_the_masks_on_their_parts(demo_faces, demo_faces_root,
                                                                                        tmp_path, capsys):
-    """data.py show: one PNG with augmented crops, the regions outlined, the puzzled versions
-    and the labels. On faces with known landmarks, each eye box covers its eye's points."""
-    shown = data.contact_sheet(demo_faces, str(tmp_path / "sheet.png"), size=64, count=8, level="weak")
+    """eval.py show: one PNG with augmented crops, the regions outlined, the puzzled versions
+    and the labels. On faces with known landmarks, each eye box covers its eye's points. CK+,
+    which has folds and no training split, shows fold 1's training faces."""
+    shown = evaluation.contact_sheet(demo_faces, str(tmp_path / "sheet.png"), size=64, count=8, level="weak")
     assert shown["samples"] == 8 and shown["has_landmarks"].all()
     picture = Image.open(tmp_path / "sheet.png")
     assert picture.size[0] == 4 * (2 * 64 + 18) and picture.size[1] > 2 * 64
@@ -1749,20 +1769,26 @@ def test_show_draws_the_faces_as_the_network_gets_them_with_the_masks_on_their_p
         for region in ("right_eye", "left_eye", "mouth"):
             box = shown["boxes"][k, ssl_tasks.REGIONS.index(region)].tolist()
             assert inside(points[list(ssl_tasks.LANDMARK_GROUPS[region])], box, slack=0.5), (k, region)
-    data.main(["show", "--dataset", "demo", "--data-root", demo_faces_root, "--size", "48",
-               "--count", "4", "--out", str(tmp_path / "cli.png")])
+    evaluation.main(["show", "--dataset", "demo", "--data-root", demo_faces_root, "--size", "48",
+                     "--count", "4", "--out", str(tmp_path / "cli.png")])
     assert "wrote" in capsys.readouterr().out and (tmp_path / "cli.png").exists()
+    ckplus = data.load("ckplus", str(write_ckplus48(tmp_path / "CK+48")))
+    shown = evaluation.contact_sheet(ckplus, str(tmp_path / "ck.png"), size=48, count=4)
+    held_out = set(ckplus.folds[0])
+    assert shown["samples"] == 4 and (tmp_path / "ck.png").exists()
+    assert all(ckplus.splits["all"][i].subject not in held_out
+               for i in evaluation.training_faces(ckplus)[1])
 
 
 def test_augment_none_is_normalisation_and_flips_move_labels():
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
     plain, _, _ = data.augment(images, "none", flip=False)
-    torch.testing.assert_close(plain, data.normalize(images))
+    torch.testing.assert_close(plain, models.normalize(images))
     landmarks = torch.rand(6, 68, 2) * 16
     pose = torch.tensor([[30.0, 10.0, -5.0]]).repeat(6, 1)
     out, moved, new_pose = data.augment(images, "none", landmarks, pose,
                                         torch.Generator().manual_seed(0))
-    mirrored = torch.tensor([torch.allclose(out[i], data.normalize(images.flip(-1))[i], atol=1e-4)
+    mirrored = torch.tensor([torch.allclose(out[i], models.normalize(images.flip(-1))[i], atol=1e-4)
                              for i in range(6)])
     same = torch.tensor([torch.allclose(out[i], plain[i], atol=1e-4) for i in range(6)])
     assert torch.all(mirrored ^ same) and 0 < mirrored.sum() < 6
@@ -1860,7 +1886,7 @@ def test_demo_is_written_once_in_affectnet_layout(tmp_path):
 def test_classification_metrics_known_answer():
     labels = [0, 0, 0, 0, 1, 1, 2, 2]
     predictions = [0, 0, 0, 1, 1, 0, 2, 1]
-    m = hmtl.classification_metrics(predictions, labels, ["a", "b", "c"])
+    m = tasks.classification_metrics(predictions, labels, ["a", "b", "c"])
     assert m["confusion"] == [[3, 1, 0], [1, 1, 0], [0, 1, 1]]
     assert m["accuracy"] == pytest.approx(5 / 8)
     assert m["per_class_recall"] == pytest.approx({"a": 0.75, "b": 0.5, "c": 0.5})
@@ -1876,9 +1902,9 @@ def test_seven_class_score_of_an_eight_class_model():
     logits[2, 7], logits[2, 2] = 9, 3   # Sad sample whose top logit is Contempt: now Sad, right
     logits[3, 0] = 5            # Anger sample predicted Neutral: wrong
     labels = torch.tensor([1, 7, 2, 6])
-    logits7, labels7 = hmtl.without_class(logits, labels, 7)
+    logits7, labels7 = tasks.without_class(logits, labels, 7)
     assert logits7.shape == (3, 7) and labels7.tolist() == [1, 2, 6]
-    metrics = hmtl.TASKS["classify"].metrics(logits, {"target": labels}, data.AFFECTNET_CLASSES)
+    metrics = tasks.TASKS["classify"].metrics(logits, {"target": labels}, data.AFFECTNET_CLASSES)
     assert metrics["seven_class"]["samples"] == 3
     assert metrics["seven_class"]["accuracy"] == pytest.approx(2 / 3)
     assert metrics["accuracy"] == pytest.approx(2 / 4)
@@ -1886,10 +1912,10 @@ def test_seven_class_score_of_an_eight_class_model():
 
 def test_pose_and_va_metrics():
     target = torch.tensor([[10.0, 0.0, -5.0], [20.0, 5.0, 5.0]])
-    m = hmtl.pose_metrics(target + torch.tensor([[1.0, -2.0, 3.0], [-1.0, 2.0, 3.0]]), target)
+    m = tasks.pose_metrics(target + torch.tensor([[1.0, -2.0, 3.0], [-1.0, 2.0, 3.0]]), target)
     assert (m["mae_yaw"], m["mae_pitch"], m["mae_roll"], m["mae_mean"]) == pytest.approx((1, 2, 3, 2))
     va = torch.tensor([[0.1, 0.2], [0.5, -0.3], [-2.0, -2.0], [0.9, 0.7]])
-    m = hmtl.va_metrics(va.clone(), va)
+    m = tasks.va_metrics(va.clone(), va)
     assert m["ccc_valence"] == pytest.approx(1, abs=1e-5) and m["rmse_arousal"] == 0
 
 
@@ -2004,19 +2030,19 @@ def test_mixed_precision_paths_run_on_the_cpu(tiny_demo, tmp_path, amp, capsys):
 def test_wrong_checkpoints_fail_in_one_line(tiny_demo, tmp_path):
     run_train(tiny_demo, tmp_path / "b0", "--epochs", "1", "--no-eval", "--max-steps", "1")
     last = str(tmp_path / "b0" / "last.pt")
-    with pytest.raises(SystemExit, match="trained with arch=b0 \\(asked b2\\)"):
+    with pytest.raises(train.RunError, match="trained with arch=b0 \\(asked b2\\)"):
         train.main(["--resume", last, "--arch", "b2"])
-    with pytest.raises(SystemExit, match="trained with ssl=none \\(asked puzzle\\)"):
+    with pytest.raises(train.RunError, match="trained with ssl=none \\(asked puzzle\\)"):
         train.main(["--resume", last, "--ssl", "puzzle"])
     junk = tmp_path / "junk.pt"
     torch.save({"weights": torch.zeros(3)}, junk)
-    with pytest.raises(SystemExit, match="is not a train.py checkpoint"):
+    with pytest.raises(train.RunError, match="is not a train.py checkpoint"):
         train.main(["--resume", str(junk)])
-    with pytest.raises(SystemExit, match="is not an HMTL checkpoint"):
-        evaluation.main(["--checkpoint", str(junk)])
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(evaluation.CheckpointError, match="is not an HMTL checkpoint"):
+        evaluation.main(["predict", "--checkpoint", str(junk), str(junk)])
+    with pytest.raises(train.RunError, match="does not exist"):
         train.main(["--resume", str(tmp_path / "none.pt")])
-    with pytest.raises(SystemExit, match="is not an EfficientNet-B2 HMTL checkpoint"):
+    with pytest.raises(train.RunError, match="is not an EfficientNet-B2 HMTL checkpoint"):
         run_train(tiny_demo, tmp_path / "b2", "--arch", "b2", "--init", last, "--max-steps", "1")
 
 
@@ -2066,9 +2092,9 @@ def test_the_data_and_model_steps_of_a_run_on_their_own(tiny_demo):
     assert len(prepared.train_set) == 16 and prepared.counts.tolist() == [2] * 8
     assert prepared.weights.tolist() == [1.0] * 8 and prepared.au_pos_weight.shape == (12,)
     assert prepared.steps_per_epoch == 2 and prepared.val_split == "val"
-    assert prepared.task is hmtl.TASKS["mtl"] and prepared.num_classes == 8
+    assert prepared.task is tasks.TASKS["mtl"] and prepared.num_classes == 8
     built = train.build_model(config, args, prepared, log=lambda line: None)
-    assert built.model.task == "mtl" and built.model.au_pos_weight.shape == (12,)
+    assert built.model.task == "mtl" and built.model.task_loss.au_pos_weight.shape == (12,)
     assert built.total_steps == 2 * config["epochs"] and (built.epoch, built.step) == (0, 0)
     assert built.scheduler.get_last_lr()[0] <= config["lr"] and built.optimizer is built.scheduler.optimizer
 
@@ -2174,7 +2200,7 @@ def test_gpu_compile_does_not_recompile_after_the_first_steps(tiny_demo):
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     run, batches = cuda_run(tiny_demo, "--ssl", "inpaint", "--compile")
-    run.model.encoder.forward_features = torch.compile(run.model.encoder.forward_features)
+    run.model.encoder.features.compile()
     for batch in batches[:2]:
         train.train_step(run, batch)
     graphs = counters["stats"]["unique_graphs"]
@@ -2246,9 +2272,9 @@ def test_compare_runs_every_cell_reports_and_continues_where_it_stopped(tiny_dem
     assert again["table"] == summary["table"]
     assert all(r["seconds"] is None for r in again["runs"]) and "finished earlier" in capsys.readouterr().out
     # a folder trained with other settings is never mixed into the table
-    with pytest.raises(SystemExit, match=r"none-100pct-seed0 was trained with lr=.*now 0.5"):
+    with pytest.raises(train.RunError, match=r"none-100pct-seed0 was trained with lr=.*now 0.5"):
         train.compare([*flags, "--lr", "0.5"])
-    with pytest.raises(SystemExit, match="--compare sets --seed itself"):
+    with pytest.raises(train.RunError, match="--compare sets --seed itself"):
         train.compare([*flags, "--seed", "3"])
 
 
@@ -2298,8 +2324,8 @@ def test_heads_on_frozen_demo_features_reach_the_figures_the_readme_states(tmp_p
     train.main(["--dataset", "demo", "--ssl", "none", "--out", str(tmp_path), "--workers", "0",
                 "--log-interval", "75", "--no-eval"])
     for split in ("train", "test"):
-        evaluation.main(["--checkpoint", str(tmp_path / "best.pt"), "--dataset", "demo",
-                         "--split", split, "--extract-features", str(tmp_path / f"{split}.npz"),
+        evaluation.main(["features", "--checkpoint", str(tmp_path / "best.pt"), "--dataset", "demo",
+                         "--split", split, "--out", str(tmp_path / f"{split}.npz"),
                          "--workers", "0"])
     results = evaluation.heads_on_features(str(tmp_path / "train.npz"), str(tmp_path / "test.npz"),
                                            "mtl")
@@ -2325,15 +2351,15 @@ def test_the_low_data_demo_reaches_the_figures_the_readme_states(ssl, tmp_path):
 def test_expression_and_valence_arousal_in_one_head():
     torch.manual_seed(0)
     weights = torch.tensor([1.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 4.0])
-    model = hmtl.HMTL("b0", "expr_va", 8, "none", weights=weights).train()
-    assert hmtl.task_outputs("expr_va", 8) == 10 and model.encoder.classifier[1].out_features == 10
+    model = hmtl_model("b0", "expr_va", 8, "none", weights=weights).train()
+    assert tasks.task_outputs("expr_va", 8) == 10 and model.encoder.classifier[1].out_features == 10
     labels = torch.tensor([0, 1, 7, 3])
     va = torch.tensor([[0.1, 0.2], [0.7, 0.4], [-2.0, -2.0], [-0.5, 0.6]])
     parts, outputs = model.losses(torch.randn(4, 3, 64, 64), {"target": labels, "va": va})
     expected = (F.cross_entropy(outputs[:, :8].detach().float(), labels, weight=weights)
-                + hmtl.va_loss(torch.tanh(outputs[:, 8:].detach()), va))
+                + tasks.va_loss(torch.tanh(outputs[:, 8:].detach()), va))
     torch.testing.assert_close(parts["task"], expected)
-    metrics = hmtl.TASKS["expr_va"].metrics(outputs.detach(), {"target": labels, "va": va},
+    metrics = tasks.TASKS["expr_va"].metrics(outputs.detach(), {"target": labels, "va": va},
                                             data.AFFECTNET_CLASSES)
     assert {"accuracy", "macro_f1", "ccc_valence", "ccc_arousal", "seven_class"} <= set(metrics)
 
@@ -2341,21 +2367,21 @@ def test_expression_and_valence_arousal_in_one_head():
 def test_expr_va_training_evaluation_prediction_and_features(tiny_demo, tmp_path):
     run_train(tiny_demo, tmp_path / "run", "--task", "expr_va", "--ssl", "inpaint", "--epochs", "1")
     best = str(tmp_path / "run" / "best.pt")
-    result = evaluation.main(["--checkpoint", best, "--dataset", "demo", "--data-root",
+    result = evaluation.main(["score", "--checkpoint", best, "--dataset", "demo", "--data-root",
                               tiny_demo, "--json", "--workers", "0"])
     assert {"accuracy", "ccc_valence", "rmse_arousal"} <= set(result["metrics"])
     write_image(tmp_path / "face.jpg", (40, 40))
-    prediction = evaluation.main(["--checkpoint", best, "--predict", str(tmp_path / "face.jpg"),
+    prediction = evaluation.main(["predict", "--checkpoint", best, str(tmp_path / "face.jpg"),
                                   "--json"])["predictions"][0]
     assert prediction["label"] in data.AFFECTNET_CLASSES and -1 < prediction["arousal"] < 1
     assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-5)
-    features = evaluation.main(["--checkpoint", best, "--dataset", "demo", "--data-root",
-                                tiny_demo, "--extract-features", str(tmp_path / "f.npz"),
+    features = evaluation.main(["features", "--checkpoint", best, "--dataset", "demo", "--data-root",
+                                tiny_demo, "--out", str(tmp_path / "f.npz"),
                                 "--json", "--workers", "0"])["features"]
     saved = np.load(tmp_path / "f.npz")
     assert features["samples"] == 16 and saved["features"].shape == (16, 1280)
     assert saved["va"].shape == (16, 2) and list(saved["classes"]) == data.AFFECTNET_CLASSES
-    with pytest.raises(SystemExit, match="needs valence/arousal labels; fer2013 has none"):
+    with pytest.raises(train.RunError, match="needs valence/arousal labels; fer2013 has none"):
         pixels = " ".join(["1"] * 2304)
         (tmp_path / "fer2013.csv").write_text(f"emotion,pixels,Usage\n3,{pixels},Training\n")
         train.main(["--dataset", "fer2013", "--data-root", str(tmp_path), "--task", "expr_va"])
@@ -2379,7 +2405,7 @@ GRAPH_VA = [[0.9, 0.5], [0.8, -0.5], [-0.5, 0.6], [-0.6, -0.6], [0.0, 0.3], [0.1
 
 
 def test_spearman_correlations_of_a_hand_made_label_table():
-    rho = hmtl.label_correlations(torch.tensor(GRAPH_LABELS), torch.tensor(GRAPH_VA), 3)
+    rho = tasks.label_correlations(torch.tensor(GRAPH_LABELS), torch.tensor(GRAPH_VA), 3)
     # expression 0 against valence: indicator ranks (5.5, 5.5, 2.5 x 4), valence ranks
     # (6, 5, 2, 1, 3, 4): centred, sum xy = 12, sum x^2 = 12, sum y^2 = 17.5 -> 12 / sqrt(210)
     assert rho[0, 3].item() == pytest.approx(12 / math.sqrt(210))
@@ -2391,14 +2417,14 @@ def test_spearman_correlations_of_a_hand_made_label_table():
     assert rho[2, 3].item() == pytest.approx(0) and rho[2, 4].item() == pytest.approx(0)
     assert rho[0, 4].item() == pytest.approx(0) and rho[0, 1].item() == pytest.approx(-0.5)
     assert torch.equal(rho, rho.T) and torch.equal(rho.diagonal(), torch.ones(5, dtype=torch.float64))
-    assert hmtl.spearman(torch.ones(4), torch.arange(4.0)) == 0.0  # constant: undefined -> 0
+    assert tasks.spearman(torch.ones(4), torch.arange(4.0)) == 0.0  # constant: undefined -> 0
 
 
 def test_emotion_graph_of_a_hand_made_label_table():
     """Edges where |rho| >= 0.1 between an expression and V/A or between V and A; the
     expression-expression correlations (-0.5 here) are dropped; self-loops 0.5 and the other
     half shared among the neighbours; expression 2 has none and keeps all of itself."""
-    adjacency = hmtl.emotion_graph(torch.tensor(GRAPH_LABELS), torch.tensor(GRAPH_VA), 3)
+    adjacency = tasks.emotion_graph(torch.tensor(GRAPH_LABELS), torch.tensor(GRAPH_VA), 3)
     third = 0.5 / 3
     expected = torch.tensor([
         [0.5, 0.0, 0.0, 0.5, 0.0],        # expression 0: valence
@@ -2408,14 +2434,14 @@ def test_emotion_graph_of_a_hand_made_label_table():
         [0.0, 0.0, 0.0, 0.5, 0.5],        # arousal: valence only
     ])
     torch.testing.assert_close(adjacency, expected)
-    assert hmtl.graph_edges(adjacency, ["a", "b", "c", "valence", "arousal"]) == \
+    assert tasks.graph_edges(adjacency, ["a", "b", "c", "valence", "arousal"]) == \
         "a-valence, b-valence, valence-arousal"
 
 
 def test_gcn_head_shapes_gradients_and_export():
     torch.manual_seed(0)
-    graph = hmtl.emotion_graph(torch.tensor(GRAPH_LABELS), torch.tensor(GRAPH_VA), 3)
-    model = hmtl.HMTL("b0", "expr_va", 3, "puzzle", head="gcn", graph=graph, view="separate").train()
+    graph = tasks.emotion_graph(torch.tensor(GRAPH_LABELS), torch.tensor(GRAPH_VA), 3)
+    model = hmtl_model("b0", "expr_va", 3, "puzzle", head="gcn", graph=graph, view="separate").train()
     weights = model.graph_head.node_weights()
     assert weights.shape == (5, 1280) and model.graph_head.node_embeddings.shape == (5, 300)
     labels, va = torch.tensor([0, 1, 2, 0]), torch.tensor([[0.5, 0.1], [-0.3, 0.2], [0.0, -5.0], [0.9, 0.4]])
@@ -2424,7 +2450,7 @@ def test_gcn_head_shapes_gradients_and_export():
     parts["loss"].backward()
     head = model.graph_head
     for parameter in (head.node_embeddings, head.layer1.weight, head.layer2.weight,
-                      model.encoder.features[0][0].weight, model.puzzle_head.linear.weight):
+                      model.encoder.features[0][0].weight, model.pretext.head.linear.weight):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0
     # the linear classifier is not trained: export() writes the graph's weights into it
     assert model.encoder.classifier[1].weight.grad is None
@@ -2433,24 +2459,24 @@ def test_gcn_head_shapes_gradients_and_export():
     deployed = hmtl.export(model)
     assert type(deployed) is models.EfficientNet
     torch.testing.assert_close(deployed(images), model(images))
-    with pytest.raises(ValueError, match="needs task 'expr_va'"):
-        hmtl.HMTL("b0", "classify", 3, head="gcn", graph=graph)
-    with pytest.raises(ValueError, match="needs the label graph"):
-        hmtl.HMTL("b0", "expr_va", 3, head="gcn")
+    with pytest.raises(ValueError, match="needs task expr_va"):
+        hmtl_model("b0", "classify", 3, head="gcn", graph=graph)
+    with pytest.raises(ValueError, match="and the label graph"):
+        hmtl_model("b0", "expr_va", 3, head="gcn")
 
 
 def test_node_vectors_from_a_word_vector_file(tmp_path):
     names = ["Happy", "Sad", "valence", "arousal"]
     lines = ["the 0 0 0", "happy 1 2 3", "sad 4 5 6", "arousal 7 8 9", "valence 1 1 1", "later x y z"]
     (tmp_path / "glove.txt").write_text("\n".join(lines) + "\n")
-    vectors = hmtl.read_node_vectors(str(tmp_path / "glove.txt"), names)
+    vectors = tasks.read_node_vectors(str(tmp_path / "glove.txt"), names)
     assert vectors.tolist() == [[1, 2, 3], [4, 5, 6], [1, 1, 1], [7, 8, 9]]
     with pytest.raises(ValueError, match="no such file"):
-        hmtl.read_node_vectors(str(tmp_path / "missing.txt"), names)
+        tasks.read_node_vectors(str(tmp_path / "missing.txt"), names)
     with pytest.raises(ValueError, match="no vector for contempt"):
-        hmtl.read_node_vectors(str(tmp_path / "glove.txt"), names + ["Contempt"])
+        tasks.read_node_vectors(str(tmp_path / "glove.txt"), names + ["Contempt"])
     graph = torch.eye(4)
-    model = hmtl.HMTL("b0", "expr_va", 2, head="gcn", graph=graph, node_vectors=vectors)
+    model = hmtl_model("b0", "expr_va", 2, head="gcn", graph=graph, node_vectors=vectors)
     assert "graph_head.node_vectors" in model.state_dict()  # fixed: a buffer, not trained
     assert not any("node" in name for name, _ in model.named_parameters())
     assert model.graph_head.layer1.in_features == 3
@@ -2463,17 +2489,17 @@ def test_gcn_training_resume_evaluation_and_a_bad_vector_path(tiny_demo, tmp_pat
     run_train(tiny_demo, tmp_path / "run", "--resume", str(tmp_path / "run" / "last.pt"))
     model, config = evaluation.load_checkpoint(str(tmp_path / "run" / "best.pt"))
     assert config["head"] == "gcn" and model.graph_head.adjacency.shape == (10, 10)
-    result = evaluation.main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--dataset",
+    result = evaluation.main(["score", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--dataset",
                               "demo", "--data-root", tiny_demo, "--json", "--workers", "0"])
     assert {"accuracy", "macro_f1", "ccc_valence", "ccc_arousal"} <= set(result["metrics"])
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(data.UserError, match="no such file"):
         run_train(tiny_demo, tmp_path / "bad", "--task", "expr_va", "--head", "gcn",
                   "--node-vectors", str(tmp_path / "glove.840B.300d.txt"))
 
 
 def test_compile_reaches_the_pretext_path(tiny_demo, tmp_path, monkeypatch):
-    """--compile compiles forward_features, which the task, the pretext and both views all go
-    through (compiling the encoder's forward would miss the HMTL paths). The eager backend
+    """--compile compiles encoder.features (Module.compile), which the task, the pretext and both
+    views all go through (compiling the encoder's forward would miss the HMTL paths). The eager backend
     keeps this quick: tracing is what is tested, not code generation."""
     compiled, calls, real_compile = [], [], torch.compile
 
@@ -2484,15 +2510,15 @@ def test_compile_reaches_the_pretext_path(tiny_demo, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", eager_compile)
     run_train(tiny_demo, tmp_path / "run", "--ssl", "inpaint", "--compile", "--max-steps", "1",
               "--no-eval")
-    assert compiled == ["forward_features"] and len(calls) >= 2  # the step and the validation
+    assert compiled == ["_call_impl"] and len(calls) >= 2  # the step and the validation
 
 
 def test_export_of_a_compiled_model_is_its_own_copy(tiny_demo):
-    """--compile binds a compiled forward_features to the training encoder; hmtl.export must
+    """--compile binds a compiled call to the training encoder's features; hmtl.export must
     give a model with its own weights that pickles."""
     import pickle
     model = random_deployable("classify", data.AFFECTNET_CLASSES)
-    model.encoder.forward_features = torch.compile(model.encoder.forward_features, backend="eager")
+    model.encoder.features.compile(backend="eager")
     deployed = hmtl.export(model)
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
@@ -2500,8 +2526,8 @@ def test_export_of_a_compiled_model_is_its_own_copy(tiny_demo):
         for p in model.parameters():
             p.add_(1.0)
         torch.testing.assert_close(deployed(images), before)  # the original's change is not seen
-    assert "forward_features" not in deployed.__dict__ and pickle.loads(pickle.dumps(deployed))
-    assert "forward_features" in model.encoder.__dict__  # training keeps its compiled path
+    assert deployed.features._compiled_call_impl is None and pickle.loads(pickle.dumps(deployed))
+    assert model.encoder.features._compiled_call_impl is not None  # training keeps its compiled path
 
 
 def test_the_cached_dataset_pickles_without_its_images(tiny_demo):
@@ -2509,7 +2535,7 @@ def test_the_cached_dataset_pickles_without_its_images(tiny_demo):
     map must open again in the worker, not travel as a copy of every image."""
     import pickle
     faces = data.load("demo", tiny_demo)
-    data.prepare(faces, tiny_demo, 32, 0, None, progress=lambda line: None)  # as train.py does
+    data.prepare(faces, tiny_demo, 32, 0, progress=lambda line: None)  # as train.py does
     dataset = data.open_split(faces, "train", 32, tiny_demo)
     assert isinstance(dataset, data.CachedDataset)
     first = dataset.__getitems__([0, 1])["image"]
@@ -2651,9 +2677,8 @@ def randomised(module, size=64):
 def random_deployable(task, classes=None, size=32, arch="b0"):
     """An HMTL model with random weights (randomised), as load_checkpoint returns it."""
     torch.manual_seed(0)
-    model = randomised(hmtl.model_from_config({**hmtl.DEFAULTS, "task": task, "arch": arch},
-                                              len(classes) if classes else None))
-    model.classes, model.image_size = classes, size
+    model = randomised(hmtl.build({**train.DEFAULTS, "task": task, "arch": arch, "image_size": size},
+                                  classes))
     return model
 
 
@@ -2700,7 +2725,7 @@ def test_predict_gives_every_task_its_parts(task):
     model = random_deployable(task, classes)
     images = torch.rand(3, 3, 40, 40)
     batched = evaluation.predict(model, images, batch_size=2)
-    width = hmtl.task_outputs(task, len(classes) if classes else None)
+    width = tasks.task_outputs(task, len(classes) if classes else None)
     for i, result in enumerate(batched):
         assert len(result["logits"]) == width
         np.testing.assert_allclose(result["logits"],
@@ -2716,17 +2741,17 @@ def test_predict_gives_every_task_its_parts(task):
     if classes:
         assert list(result["probabilities"]) == classes and result["label"] in classes
     if task == "mtl":
-        assert list(result["action_units"]) == list(hmtl.AU_NAMES)
+        assert list(result["action_units"]) == list(data.AU_NAMES)
         assert result["active_action_units"] == [k for k, p in result["action_units"].items() if p >= 0.5]
     if task == "pose":
-        angles = hmtl.pose_expectation(torch.tensor(result["logits"]).view(1, 3, hmtl.POSE_BINS))[0]
+        angles = tasks.pose_expectation(torch.tensor(result["logits"]).view(1, 3, tasks.POSE_BINS))[0]
         assert [result[k] for k in ("yaw", "pitch", "roll")] == pytest.approx(angles.tolist(), abs=1e-4)
 
 
 def test_eval_cli_predicts_a_folder_to_csv_and_json(tiny_demo, tmp_path, capsys):
     run_train(tiny_demo, tmp_path / "run", "--ssl", "puzzle", "--max-steps", "2", "--no-eval")
     best = str(tmp_path / "run" / "best.pt")
-    result = evaluation.main(["--checkpoint", best, "--dataset", "demo", "--data-root", tiny_demo,
+    result = evaluation.main(["score", "--checkpoint", best, "--dataset", "demo", "--data-root", tiny_demo,
                               "--json", "--workers", "0", "--out", str(tmp_path)])
     metrics = result["metrics"]
     assert metrics["samples"] == 16 and "seven_class" in metrics
@@ -2737,8 +2762,8 @@ def test_eval_cli_predicts_a_folder_to_csv_and_json(tiny_demo, tmp_path, capsys)
     Image.new("RGBA", (30, 30), (9, 9, 9, 9)).save(faces / "rgba.png")
     (faces / "broken.jpg").write_bytes(b"no")
     capsys.readouterr()
-    result = evaluation.main(["--checkpoint", best, "--predict", str(faces), "--json",
-                              "--predictions-out", str(tmp_path / "p.json")])
+    result = evaluation.main(["predict", "--checkpoint", best, str(faces), "--json",
+                              "--out", str(tmp_path / "p.json")])
     predictions = result["predictions"]
     assert [Path(p["image"]).name for p in predictions] == ["broken.jpg", "grey.png", "mode_l.jpg", "rgba.png"]
     assert predictions[0]["error"].startswith("unreadable")
@@ -2746,8 +2771,7 @@ def test_eval_cli_predicts_a_folder_to_csv_and_json(tiny_demo, tmp_path, capsys)
         assert p["label"] in data.AFFECTNET_CLASSES
         assert sum(p["probabilities"].values()) == pytest.approx(1, abs=1e-5)
     assert json.loads((tmp_path / "p.json").read_text()) == predictions
-    evaluation.main(["--checkpoint", best, "--predict", str(faces),
-                     "--predictions-out", str(tmp_path / "p.csv")])
+    evaluation.main(["predict", "--checkpoint", best, str(faces), "--out", str(tmp_path / "p.csv")])
     printed = capsys.readouterr().out
     assert "broken.jpg: unreadable" in printed and "predictions written to" in printed
     import csv
@@ -2780,7 +2804,7 @@ def test_both_exports_match_the_model_and_carry_the_class_names(task, tmp_path):
         onnx_path = evaluation.export_onnx(model, str(tmp_path / "m.onnx"))
     images = torch.rand(3, 3, 32, 32)  # RGB in [0, 1]; the files normalise inside
     with torch.no_grad():
-        expected = model(data.normalize(images * 255))
+        expected = model(models.normalize(images * 255))
     loaded = torch.export.load(program).module()
     torch.testing.assert_close(loaded(images), expected, atol=1e-4, rtol=0)
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
@@ -2798,14 +2822,14 @@ def test_both_exports_match_the_model_and_carry_the_class_names(task, tmp_path):
 def test_eval_cli_exports_both_files(tiny_demo, tmp_path):
     run_train(tiny_demo, tmp_path / "run", "--ssl", "puzzle", "--max-steps", "1", "--no-eval")
     best = str(tmp_path / "run" / "best.pt")
-    result = evaluation.main(["--checkpoint", best, "--export", str(tmp_path / "m.pt2"),
-                              "--export-onnx", str(tmp_path / "m.onnx")])
+    result = evaluation.main(["export", "--checkpoint", best, "--pt2", str(tmp_path / "m.pt2"),
+                              "--onnx", str(tmp_path / "m.onnx")])
     assert Path(result["export"]).exists() and Path(result["onnx"]).exists()
     model, _ = evaluation.load_checkpoint(best)
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.export.load(result["export"]).module()(images),
-                                   model(data.normalize(images * 255)), atol=1e-4, rtol=0)
+                                   model(models.normalize(images * 255)), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "tf_efficientnet_b0", "tf_efficientnet_b2"])
@@ -2842,7 +2866,7 @@ def test_hsemotion_files_convert_to_native_class_order_and_start_training(tmp_pa
     pickled = tmp_path / "enet_b0_8_best_afew.pt"
     torch.save(hsemotion, pickled)  # as HSEmotion ships them: the whole module
     converted = str(tmp_path / "tf_b0_affectnet.pt")
-    note = evaluation.main(["--convert-hsemotion", str(pickled), converted])
+    note = evaluation.main(["convert-hsemotion", str(pickled), converted])
     printed = capsys.readouterr().out
     assert "this runs code stored in the file" in printed and "--tf-variant" in printed
     assert note["classes"] == data.AFFECTNET_CLASSES and note["tf_variant"] and note["arch"] == "b0"
@@ -2855,7 +2879,7 @@ def test_hsemotion_files_convert_to_native_class_order_and_start_training(tmp_pa
     for i, name in enumerate(data.AFFECTNET_CLASSES):  # Happy is HSEmotion's Happiness, etc.
         j = evaluation.match_classes(evaluation.HSEMOTION_CLASSES, [name])[0][0]
         torch.testing.assert_close(native[:, i], reference[:, j], atol=1e-5, rtol=0)
-    six = evaluation.main(["--convert-hsemotion", str(pickled), str(tmp_path / "tf_lsd.pt"),
+    six = evaluation.main(["convert-hsemotion", str(pickled), str(tmp_path / "tf_lsd.pt"),
                            "--dataset", "abaw_lsd"])
     assert six["classes"] == data.ABAW_LSD_CLASSES and six["dropped"] == ["Contempt", "Neutral"]
     # the eval-ready checkpoint: HSEmotion's six logits in the LSD order, as it is
@@ -2864,19 +2888,19 @@ def test_hsemotion_files_convert_to_native_class_order_and_start_training(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(ready(images), reference[:, [0, 2, 3, 4, 6, 7]], atol=1e-4, rtol=0)
     # train.py starts from it: the encoder (and the 8-class head) exactly the converted weights
-    config = {**hmtl.DEFAULTS, "init": f"timm:{converted}", "tf_variant": True}
-    model = hmtl.model_from_config(config, 8)
+    config = {**train.DEFAULTS, "init": f"timm:{converted}", "tf_variant": True}
+    model = hmtl.build(config, data.AFFECTNET_CLASSES)
     train.init_weights(model, config)
     with torch.no_grad():
         torch.testing.assert_close(model.encoder.eval()(images), native, atol=1e-5, rtol=0)
-    with pytest.raises(SystemExit, match="needs --tf-variant"):
-        train.init_weights(hmtl.model_from_config({**config, "tf_variant": False}, 8),
+    with pytest.raises(train.RunError, match="needs --tf-variant"):
+        train.init_weights(hmtl.build({**config, "tf_variant": False}, data.AFFECTNET_CLASSES),
                            {**config, "tf_variant": False})
-    with pytest.raises(RuntimeError, match="is not a plain state_dict.*--convert-hsemotion"):
+    with pytest.raises(RuntimeError, match="is not a plain state_dict.*eval.py convert-hsemotion"):
         models.load_timm_weights(ours, str(pickled))  # never unpickled outside the conversion
     torch.save(torch.nn.Linear(2, 2), tmp_path / "linear.pt")
-    with pytest.raises(SystemExit, match="is not a pickled timm EfficientNet"):
-        evaluation.main(["--convert-hsemotion", str(tmp_path / "linear.pt"), str(tmp_path / "x.pt")])
+    with pytest.raises(evaluation.EvalError, match="is not a pickled timm EfficientNet"):
+        evaluation.main(["convert-hsemotion", str(tmp_path / "linear.pt"), str(tmp_path / "x.pt")])
 
 
 def test_missing_extras_are_named_in_one_line(tmp_path, monkeypatch):
@@ -2887,13 +2911,13 @@ def test_missing_extras_are_named_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="need the safetensors package: pip install safetensors"):
         models.read_state_dict(str(tmp_path / "w.safetensors"))
     monkeypatch.setitem(sys.modules, "timm", None)
-    with pytest.raises(SystemExit, match="needs timm: pip install timm"):
-        evaluation.main(["--convert-hsemotion", str(tmp_path / "h.pt"), str(tmp_path / "o.pt")])
+    with pytest.raises(evaluation.EvalError, match="needs timm: pip install timm"):
+        evaluation.main(["convert-hsemotion", str(tmp_path / "h.pt"), str(tmp_path / "o.pt")])
 
 
 def test_onnx_export_without_onnx_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
-    with pytest.raises(SystemExit, match="needs the onnx package: pip install onnx onnxscript"):
+    with pytest.raises(evaluation.EvalError, match="needs the onnx package: pip install onnx onnxscript"):
         evaluation.export_onnx(random_deployable("classify", data.AFFECTNET_CLASSES),
                                str(tmp_path / "m.onnx"))
 
@@ -2927,7 +2951,7 @@ def test_a_model_scores_a_subset_label_set_and_blends_two_checkpoints(tiny_demo,
             for i in range(2):
                 write_image(root / folder / name / f"{i:05d}.jpg", (32, 32), (40 * k, 20 * i, 90))
     a, b = str(tmp_path / "a" / "best.pt"), str(tmp_path / "b" / "best.pt")
-    metrics = evaluation.main(["--checkpoint", a, "--dataset", "abaw_lsd", "--data-root",
+    metrics = evaluation.main(["score", "--checkpoint", a, "--dataset", "abaw_lsd", "--data-root",
                                str(root), "--json", "--workers", "0"])["metrics"]
     assert metrics["samples"] == 12 and metrics["model_classes_dropped"] == ["Neutral", "Contempt"]
     assert list(metrics["per_class_recall"]) == data.ABAW_LSD_CLASSES and "seven_class" not in metrics
@@ -2939,27 +2963,27 @@ def test_a_model_scores_a_subset_label_set_and_blends_two_checkpoints(tiny_demo,
     kept = outputs[:, [6, 5, 4, 1, 2, 3]]  # Anger, Disgust, Fear, Happy, Sad, Surprise
     assert metrics["accuracy"] == pytest.approx(float((kept.argmax(1) == targets["target"]).float().mean()))
     capsys.readouterr()
-    blend = evaluation.main(["--checkpoint", a, "--dataset", "abaw_lsd", "--data-root", str(root),
-                             "--blend", b, "--workers", "0"])["blend"]
+    blend = evaluation.main(["blend", "--checkpoint", a, b, "--dataset", "abaw_lsd", "--data-root",
+                             str(root), "--workers", "0"])["blend"]
     printed = capsys.readouterr().out
     assert "(optimistic)" in printed and len(blend["scores_by_weight"]) == 11
     assert blend["checkpoint_alone"] == pytest.approx(metrics["macro_f1"])  # weight 1: a alone
     assert blend["scores_by_weight"][blend["weight"]] == max(blend["scores_by_weight"].values())
-    fixed = evaluation.main(["--checkpoint", a, "--dataset", "abaw_lsd", "--data-root", str(root),
-                             "--blend", b, "--blend-weight", "0.3", "--workers", "0", "--json"])
+    fixed = evaluation.main(["blend", "--checkpoint", a, b, "--dataset", "abaw_lsd", "--data-root",
+                             str(root), "--weight", "0.3", "--workers", "0", "--json"])
     assert fixed["blend"]["weight"] == 0.3 and not fixed["blend"]["optimistic"]
 
 
 def test_ckplus_nonlinear_evaluation(ckplus_root, tiny_demo, tmp_path):
     run_train(tiny_demo, tmp_path / "run", "--max-steps", "1", "--no-eval")
     best = str(tmp_path / "run" / "best.pt")
-    result = evaluation.main(["--checkpoint", best, "--dataset", "ckplus", "--data-root",
+    result = evaluation.main(["score", "--checkpoint", best, "--dataset", "ckplus", "--data-root",
                               str(ckplus_root), "--json"])
     metrics = result["metrics"]
     assert metrics["folds"] == 3 and metrics["samples"] == 9  # 3 subjects: 3 non-empty folds
     assert len(metrics["fold_accuracy"]) == 3
     assert metrics["accuracy_mean"] == pytest.approx(np.mean(metrics["fold_accuracy"]))
-    again = evaluation.main(["--checkpoint", best, "--dataset", "ckplus", "--data-root",
+    again = evaluation.main(["score", "--checkpoint", best, "--dataset", "ckplus", "--data-root",
                              str(ckplus_root), "--json"])
     assert again["metrics"]["fold_accuracy"] == metrics["fold_accuracy"]  # deterministic
 
@@ -2968,7 +2992,7 @@ def test_ckplus_nonlinear_evaluation(ckplus_root, tiny_demo, tmp_path):
 def test_ckplus48_and_ferplus_train_and_evaluate_with_their_protocols(tiny_demo, tmp_path):
     root = write_ckplus48(tmp_path / "CK+48")
     run_train(tiny_demo, tmp_path / "run", "--max-steps", "1", "--no-eval")
-    result = evaluation.main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--dataset",
+    result = evaluation.main(["score", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--dataset",
                               "ckplus", "--data-root", str(root), "--json"])
     assert result["metrics"]["samples"] == 30 and result["metrics"]["folds"] == 3  # 3 subjects
     usages = ["Training"] * 24 + ["PublicTest"] * 8 + ["PrivateTest"] * 8
