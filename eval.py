@@ -881,6 +881,15 @@ def contact_sheet(faces, path, split="train", size=128, count=12, level="weak", 
 
 
 def main(argv=None):
+    args = parser().parse_args(argv)
+    result = COMMANDS[args.command](args)
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def parser():
+    """eval.py's command line: one subcommand per job (COMMANDS runs each)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -939,11 +948,7 @@ def main(argv=None):
     show.add_argument("--count", type=int, default=12, help="faces on the sheet")
     show.add_argument("--augment", default="weak", choices=list(data.AUGMENT_LEVELS))
     show.add_argument("--out", help="the PNG to write (default: <dataset>-show.png)")
-    args = parser.parse_args(argv)
-    result = COMMANDS[args.command](args)
-    if args.json:
-        print(json.dumps(result, indent=1, default=str))
-    return result
+    return parser
 
 
 def score_command(args):

@@ -1,4 +1,5 @@
-"""Tests for HMTL. Known answers, on the CPU, in minutes: `python -m pytest -q test_hmtl.py`.
+"""Tests for HMTL. Known answers, on the CPU: `python -m pytest -q test_hmtl.py` (all, as CI runs
+them), or `-m "not slow"` for the fast part.
 
 torchvision is imported here (and in bench.py) only as the reference the hand-written
 EfficientNet is proven against.
@@ -12,7 +13,6 @@ import shutil
 import signal
 import sys
 import time
-import types
 import urllib.error
 import warnings
 from collections import Counter
@@ -37,6 +37,9 @@ import train
 
 ARCHS = ["b0", "b2"]
 HERE = Path(__file__).parent
+# Minutes on a 2-core CPU (demo trainings, exports, several processes). CI runs every test; the
+# inner loop skips these: python -m pytest -q -m "not slow" test_hmtl.py (about two minutes).
+slow = pytest.mark.slow
 
 
 def hmtl_model(arch="b0", task="classify", num_classes=8, ssl="none", weights=None, graph=None,
@@ -1400,6 +1403,7 @@ def test_mtl_trains_and_evaluates_on_s_affwild2(affwild2_mtl_root, tmp_path, ssl
     assert metrics["frames"] == {"va": 7, "expression": 7, "au": 7}
 
 
+@slow
 def test_heads_on_stored_features_learn_every_mtl_term(tmp_path, capsys):
     """Extract once, train small heads in seconds: on features that carry the labels, a linear
     and an MLP head both reach near-perfect P_MTL; the constant baseline stays far below."""
@@ -1646,6 +1650,7 @@ def test_fer2013_trains_with_its_recipes_unless_told_otherwise():
     assert train.resolve_config(train.parse_args(["--dataset", "rafdb"]))["recipe"] is None
 
 
+@slow
 def test_run_processes_stops_at_the_deadline_and_starts_nothing_after_it(tmp_path, capsys):
     """train.run_processes: a job that writes its final test line is finished; one still
     running at the deadline gets SIGTERM once (a run saves last.pt and returns 0: stopped, not
@@ -1665,6 +1670,7 @@ def test_run_processes_stops_at_the_deadline_and_starts_nothing_after_it(tmp_pat
     assert f"{tmp_path / 'a'}: finished" in out and f"{tmp_path / 'b'}: stopped; it resumes on a rerun" in out
 
 
+@slow
 def test_fer2013_bench_chooses_on_publictest_and_its_cells_are_what_compare_reads(tmp_path, monkeypatch):
     """bench.py fer2013 on a small copy of the folder release: the SL grid and the pretext grid
     (seed 0, 20 %), each factor chosen by its best validation accuracy, then every cell of the
@@ -2093,10 +2099,10 @@ def test_the_data_and_model_steps_of_a_run_on_their_own(tiny_demo):
     assert prepared.weights.tolist() == [1.0] * 8 and prepared.au_pos_weight.shape == (12,)
     assert prepared.steps_per_epoch == 2 and prepared.val_split == "val"
     assert prepared.task is tasks.TASKS["mtl"] and prepared.num_classes == 8
-    built = train.build_model(config, args, prepared, log=lambda line: None)
-    assert built.model.task == "mtl" and built.model.task_loss.au_pos_weight.shape == (12,)
-    assert built.total_steps == 2 * config["epochs"] and (built.epoch, built.step) == (0, 0)
-    assert built.scheduler.get_last_lr()[0] <= config["lr"] and built.optimizer is built.scheduler.optimizer
+    trainer, progress, _ = train.build_model(config, args, prepared, log=lambda line: None)
+    assert trainer.model.task == "mtl" and trainer.model.task_loss.au_pos_weight.shape == (12,)
+    assert progress == train.Progress() and trainer.task is prepared.task
+    assert trainer.scheduler.get_last_lr()[0] <= config["lr"] and trainer.optimizer is trainer.scheduler.optimizer
 
 
 class HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
@@ -2133,19 +2139,17 @@ def test_a_training_step_never_waits_for_the_device(tiny_demo, flags):
     args = train.parse_args(["--dataset", "demo", "--data-root", tiny_demo, *TINY, *flags])
     config = train.resolve_config(args)
     prepared = train.build_data(config, args, tiny_demo, seed=0)
-    built = train.build_model(config, args, prepared, log=lambda line: None)
-    run = types.SimpleNamespace(**vars(built), device=torch.device("cpu"), task=prepared.task,
-                                config=config, joint=train.JointLoss(built.model), world=1,
-                                device_sums=train.fresh_sums(torch.device("cpu")))
+    trainer, _, _ = train.build_model(config, args, prepared, log=lambda line: None)
+    sums = train.IntervalSums(trainer.device)
     batches = [batch for _, batch in zip(range(4), itertools.cycle(prepared.loader))]
-    built.model.train()
+    trainer.model.train()
     for batch in batches[:2]:  # the first steps create the optimizer state
-        train.train_step(run, batch)
+        train.train_step(trainer, batch, sums)
     with HostSyncCounter() as counter:
         for batch in batches[2:]:
-            train.train_step(run, batch)
+            train.train_step(trainer, batch, sums)
     assert counter.counts == Counter()
-    sums = train.read_interval(run)
+    sums = sums.read()
     assert sums["steps"] == 4 and sums["skipped"] == 0 and math.isfinite(sums["loss"])
 
 
@@ -2162,12 +2166,9 @@ def cuda_run(demo_root, *flags):
                              "--device", "cuda"])
     config, device = train.resolve_config(args), torch.device("cuda")
     prepared = train.build_data(config, args, demo_root, seed=0, device=device)
-    built = train.build_model(config, args, prepared, device=device, log=lambda line: None)
-    built.model.train()
-    run = types.SimpleNamespace(**vars(built), device=device, task=prepared.task, config=config,
-                                joint=train.JointLoss(built.model), world=1,
-                                device_sums=train.fresh_sums(device))
-    return run, [batch for _, batch in zip(range(8), itertools.cycle(prepared.loader))]
+    trainer, _, _ = train.build_model(config, args, prepared, device=device, log=lambda line: None)
+    trainer.model.train()
+    return trainer, [batch for _, batch in zip(range(8), itertools.cycle(prepared.loader))]
 
 
 @needs_cuda
@@ -2183,29 +2184,31 @@ def test_gpu_mixed_precision_steps(tiny_demo, tmp_path, amp):
 @pytest.mark.parametrize("flags", [("--ssl", "none"), ("--ssl", "puzzle"), ("--ssl", "inpaint"),
                                    ("--task", "mtl", "--ssl", "inpaint")], ids=" ".join)
 def test_gpu_training_step_never_waits_for_the_device(tiny_demo, flags):
-    run, batches = cuda_run(tiny_demo, *flags)
+    trainer, batches = cuda_run(tiny_demo, *flags)
+    sums = train.IntervalSums(trainer.device)
     for batch in batches[:2]:
-        train.train_step(run, batch)
+        train.train_step(trainer, batch, sums)
     torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
     try:
         for batch in batches[2:4]:
-            train.train_step(run, batch)
+            train.train_step(trainer, batch, sums)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert train.read_interval(run)["steps"] == 4
+    assert sums.read()["steps"] == 4
 
 
 @needs_cuda
 def test_gpu_compile_does_not_recompile_after_the_first_steps(tiny_demo):
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
-    run, batches = cuda_run(tiny_demo, "--ssl", "inpaint", "--compile")
-    run.model.encoder.features.compile()
+    trainer, batches = cuda_run(tiny_demo, "--ssl", "inpaint", "--compile")
+    trainer.model.encoder.features.compile()
+    sums = train.IntervalSums(trainer.device)
     for batch in batches[:2]:
-        train.train_step(run, batch)
+        train.train_step(trainer, batch, sums)
     graphs = counters["stats"]["unique_graphs"]
     for batch in batches[2:]:
-        train.train_step(run, batch)
+        train.train_step(trainer, batch, sums)
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -2246,6 +2249,7 @@ def test_curves_and_bars_are_drawn_where_the_values_say(tmp_path):
     assert coloured(bars[bottom - 230:bottom - 10, x + 46:x + 47]) == 220  # HMTL to 0.8
 
 
+@slow
 def test_compare_runs_every_cell_reports_and_continues_where_it_stopped(tiny_demo, tmp_path,
                                                                           monkeypatch, capsys):
     """--compare: every variant x (full, 20 %) x seed with the same flags, the held-out test
@@ -2286,41 +2290,49 @@ def held_out_after_300_demo_steps(out, *flags):
     return next(e for e in entries if e["kind"] == "test")
 
 
-# The README's demo figures: test accuracy over seeds 0, 1, 2 (mean, std), measured with the
-# torch that requirements.txt installs (BENCHMARKS.md, section 5). Seed 0 must land within
-# 2 std of the mean (at least 0.02, for a std measured near 0).
-DEMO_FIGURES = {"none": (0.9650, 0.0054), "puzzle": (0.9592, 0.0031), "inpaint": (0.9592, 0.0059)}
+# The demo's seed-0 test figures as BENCHMARKS.md records them (the README gives the mean and
+# std over seeds 0-2), measured with the torch that requirements.txt installs. A CPU run is
+# deterministic on one machine; another CPU may round differently, so each pin holds the
+# figure within a tolerance on both sides: a pin, not a floor.
+DEMO_SEED0 = {"none": 0.9688, "puzzle": 0.9625, "inpaint": 0.9613}     # full training set
+DEMO_20PCT_SEED0 = {"none": 0.7325, "puzzle": 0.8475, "inpaint": 0.8275}  # 20 % (--compare cell)
+DEMO_MTL_SEED0 = 2.7586                                                  # P_MTL, --ssl inpaint
+FROZEN_HEADS_SEED0 = {"linear": 2.754, "mlp 256": 2.760}                 # mean of 3 head seeds
 
 
 @pytest.mark.parametrize("ssl", ["none", "puzzle", "inpaint"])
+@slow
 def test_the_demo_reaches_the_figures_the_readme_states(ssl, tmp_path):
     """`python train.py --dataset demo --ssl X` exactly as a user runs it (seed 0): best.pt is
-    picked on val, and the 800 test faces, which no selection saw, score near the README."""
+    picked on val, and the 800 test faces, which no selection saw, score the recorded seed-0
+    figure within 0.01 (8 faces)."""
     train.main(["--dataset", "demo", "--ssl", ssl, "--out", str(tmp_path), "--workers", "0",
                 "--log-interval", "75"])
     entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     test = next(e for e in entries if e["kind"] == "test")
-    mean, std = DEMO_FIGURES[ssl]
     assert test["split"] == "test" and test["samples"] == 800
-    assert test["accuracy"] >= mean - max(2 * std, 0.02), test
+    assert abs(test["accuracy"] - DEMO_SEED0[ssl]) <= 0.01, test
     assert (tmp_path / "curves.png").exists()
 
 
+@slow
 def test_the_demo_mtl_run_reaches_the_figure_the_readme_states(tmp_path):
-    """`python train.py --dataset demo --task mtl --ssl inpaint` (seed 0): test P_MTL near the
-    README's 2.760 +- 0.006 (mean - max(2 std, 0.02)), far above the constant answer's 0.363."""
+    """`python train.py --dataset demo --task mtl --ssl inpaint` (seed 0): test P_MTL at the
+    recorded seed-0 figure (within 0.02; the README's mean over seeds 0-2 is 2.760 +- 0.006), far
+    above the constant answer's 0.363."""
     train.main(["--dataset", "demo", "--task", "mtl", "--ssl", "inpaint", "--out", str(tmp_path),
                 "--workers", "0", "--log-interval", "75"])
     test = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
             if '"kind": "test"' in line][-1]
-    assert test["split"] == "test" and test["p_mtl"] >= 2.760 - 0.02, test
+    assert test["split"] == "test" and abs(test["p_mtl"] - DEMO_MTL_SEED0) <= 0.02, test
     assert test["p_mtl_constant_baseline"] == pytest.approx(0.363, abs=0.001)
 
 
+@slow
 def test_heads_on_frozen_demo_features_reach_the_figures_the_readme_states(tmp_path):
-    """The README's frozen-feature MTL figures (linear 2.733 +- 0.050, MLP 2.709 +- 0.045 over
-    3 encoders x 3 head seeds): the seed-0 expression encoder, its features extracted once,
-    both heads' mean over their 3 seeds near them (mean - max(2 std, 0.02))."""
+    """The frozen-feature MTL figures (the README: linear 2.733 +- 0.050, MLP 2.709 +- 0.045 over
+    3 encoders x 3 head seeds): on the seed-0 expression encoder, its features extracted once,
+    each head's mean over its 3 seeds at the recorded seed-0 figure, within 0.03."""
     train.main(["--dataset", "demo", "--ssl", "none", "--out", str(tmp_path), "--workers", "0",
                 "--log-interval", "75", "--no-eval"])
     for split in ("train", "test"):
@@ -2329,23 +2341,20 @@ def test_heads_on_frozen_demo_features_reach_the_figures_the_readme_states(tmp_p
                          "--workers", "0"])
     results = evaluation.heads_on_features(str(tmp_path / "train.npz"), str(tmp_path / "test.npz"),
                                            "mtl")
-    for head, (mean, std) in {"linear": (2.733, 0.050), "mlp 256": (2.709, 0.045)}.items():
-        assert np.mean([r["p_mtl"] for r in results[head]]) >= mean - max(2 * std, 0.02), head
-
-
-# The README's low-data column (--compare, 20 % of the training set): mean, std over seeds 0-2.
-DEMO_20PCT_FIGURES = {"none": (0.783, 0.066), "puzzle": (0.815, 0.056), "inpaint": (0.745, 0.164)}
+    for head, figure in FROZEN_HEADS_SEED0.items():
+        assert abs(np.mean([r["p_mtl"] for r in results[head]]) - figure) <= 0.03, head
 
 
 @pytest.mark.parametrize("ssl", ["none", "puzzle", "inpaint"])
+@slow
 def test_the_low_data_demo_reaches_the_figures_the_readme_states(ssl, tmp_path):
-    """One cell of `python train.py --dataset demo --compare` (20 %, seed 0): test accuracy
-    near the README's mean (mean - max(2 std, 0.02))."""
+    """One cell of `python train.py --dataset demo --compare` (20 %, seed 0): test accuracy at
+    the recorded seed-0 figure, within 0.03 (low data: a slightly different rounding moves a run
+    further)."""
     train.main(["--dataset", "demo", "--ssl", ssl, "--train-fraction", "0.2", "--seed", "0",
                 "--out", str(tmp_path), "--workers", "0", "--log-interval", "75"])
     test = train.final_test(str(tmp_path))
-    mean, std = DEMO_20PCT_FIGURES[ssl]
-    assert test["split"] == "test" and test["accuracy"] >= mean - max(2 * std, 0.02), test
+    assert test["split"] == "test" and abs(test["accuracy"] - DEMO_20PCT_SEED0[ssl]) <= 0.03, test
 
 
 def test_expression_and_valence_arousal_in_one_head():
@@ -2388,6 +2397,7 @@ def test_expr_va_training_evaluation_prediction_and_features(tiny_demo, tmp_path
 
 
 @pytest.mark.parametrize("head", ["linear", "gcn"])
+@slow
 def test_expr_va_on_the_demo_learns_both(head, tmp_path):
     """The demo's synthetic valence/arousal follow its expressions: after 300 steps both the
     expression accuracy and the CCC are clearly above chance and 0, with the linear head and
@@ -2497,6 +2507,7 @@ def test_gcn_training_resume_evaluation_and_a_bad_vector_path(tiny_demo, tmp_pat
                   "--node-vectors", str(tmp_path / "glove.840B.300d.txt"))
 
 
+@slow
 def test_compile_reaches_the_pretext_path(tiny_demo, tmp_path, monkeypatch):
     """--compile compiles encoder.features (Module.compile), which the task, the pretext and both
     views all go through (compiling the encoder's forward would miss the HMTL paths). The eager backend
@@ -2563,6 +2574,7 @@ def ddp_worker(rank, world, port, demo_root, out):
     torch.save(model.state_dict(), _os.path.join(out, f"rank{rank}.pt"))
 
 
+@slow
 def test_distributed_data_parallel_on_cpu_with_gloo(tiny_demo, tmp_path):
     torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), tiny_demo, str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -2604,6 +2616,7 @@ def free_port():
 
 
 @pytest.mark.parametrize("stop_step, log_interval, stopped_at", [(1, 1, 1), (3, 1, 3), (3, 4, 4)])
+@slow
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_demo, tmp_path, stop_step,
                                                           log_interval, stopped_at):
     """Issue 15: the ranks agree on stopping at a log step (the last of an epoch is one), so a
@@ -2794,6 +2807,7 @@ def test_load_checkpoint_raises_an_exception_a_program_can_catch(tmp_path):
 
 
 @pytest.mark.parametrize("task", ["classify", "expr_va"])
+@slow
 def test_both_exports_match_the_model_and_carry_the_class_names(task, tmp_path):
     import onnxruntime
     import onnx
@@ -2819,6 +2833,7 @@ def test_both_exports_match_the_model_and_carry_the_class_names(task, tmp_path):
     assert not any("puzzle" in name or "decoder" in name for name, _ in loaded.named_parameters())
 
 
+@slow
 def test_eval_cli_exports_both_files(tiny_demo, tmp_path):
     run_train(tiny_demo, tmp_path / "run", "--ssl", "puzzle", "--max-steps", "1", "--no-eval")
     best = str(tmp_path / "run" / "best.pt")
@@ -3010,6 +3025,7 @@ def test_ckplus48_and_ferplus_train_and_evaluate_with_their_protocols(tiny_demo,
 # ----------------------------------------------------------------------------------------------
 # bench.py: the benchmark runs and reports what it promises (its numbers are not tested here).
 
+@slow
 def test_bench_reports_every_contender():
     rows = bench.main(["models", "hmtl", "data", "fingerprint", "reader", "predict", "--arch", "b0",
                        "--size", "32", "--batch", "2", "--steps", "1", "--rounds", "1",
@@ -3050,3 +3066,41 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert len(commands) == 2, "the README starts with the two set-up commands"
     assert commands[1] in (HERE / ".ci" / "run").read_text().splitlines()
     assert commands[0].endswith("python train.py --dataset demo --ssl inpaint")
+
+
+def test_the_readme_example_runs_as_pasted():
+    """The README's one-screen example of the method: build, joint loss, backward, export."""
+    readme = (HERE / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert {"loss", "task", "ssl", "l1", "perceptual"} <= set(namespace["parts"])
+    assert namespace["logits"].shape == (4, 8)
+    assert type(namespace["deployed"]) is models.EfficientNet
+    assert all(p.grad is not None for p in namespace["model"].encoder.features.parameters())
+
+
+def test_every_command_in_the_readme_and_the_reference_parses():
+    """Each `python train.py|eval.py|data.py ...` command in README.md, docs/REFERENCE.md and
+    BENCHMARKS.md is accepted by that program's own argument parser (parsed, not run)."""
+    import re
+    import shlex
+    lines = []
+    for name in ("README.md", "docs/REFERENCE.md", "BENCHMARKS.md"):
+        text = (HERE / name).read_text().replace("\\\n", " ")
+        lines += re.findall(r"^(?:torchrun [^\n]*? )?python (train|eval|data)\.py ([^\n`|]*)", text, re.M)
+        lines += re.findall(r"`python (train|eval|data)\.py ([^`]*)`", text)
+    assert len(lines) > 20
+    for program, rest in lines:
+        words = [w for w in shlex.split(rest.split("#")[0]) if w not in ("...",)]
+        print(f"python {program}.py {rest}")  # shown if it fails
+        if "--help" in words:
+            continue
+        if program == "train":
+            train.parse_args(words)
+        elif program == "data":
+            with pytest.raises(SystemExit) as stop:  # parsed, then stopped before any work
+                data.main([*words, "--help"])
+            assert stop.value.code == 0, rest
+        else:
+            evaluation.parser().parse_args(words)

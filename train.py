@@ -16,6 +16,7 @@ After training, the best model is evaluated on the split the paper reports (eval
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -25,6 +26,7 @@ import signal
 import sys
 import time
 import types
+from dataclasses import dataclass, field
 
 import torch
 
@@ -180,6 +182,8 @@ def parse_args(argv=None):
     g.add_argument("--tf-variant", action="store_true", default=None,
                    help="TensorFlow's EfficientNet (BN eps 1e-3, SAME padding on stride-2 convs): "
                         "what timm's tf_efficientnet_* and HSEmotion's weights need")
+    g.add_argument("--memory-efficient", action="store_true", default=None,
+                   help="keep less activation memory (BN+SiLU recomputed in backward; slower)")
     g.add_argument("--pretrain", action="store_true",
                    help="pretext-only pre-training (no labels): task weight 0")
     g = p.add_argument_group("method")
@@ -495,11 +499,40 @@ def build_data(config, args, data_root, seed, rank=0, world=1, device=torch.devi
         steps_per_epoch=steps_per_epoch, val_split=val_split)
 
 
+@dataclass
+class Progress:
+    """Where a run stands: with the weights, the optimiser and the random states, what a
+    checkpoint needs to resume it. The loop owns it; the helpers below read and advance it."""
+    epoch: int = 0
+    batches_done: int = 0          # in the current epoch
+    step: int = 0
+    best: float = -math.inf        # the best validation score so far (picks best.pt)
+    nonfinite: int = 0             # steps skipped for a non-finite loss
+    epoch_sums: dict = field(default_factory=lambda: {"steps": 0})  # the epoch's loss parts
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """What one optimisation step needs, fixed for the run."""
+    model: torch.nn.Module
+    joint: torch.nn.Module         # model.losses as a module's forward (DDP-wrapped with ranks)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object                 # fp16's gradient scaler, else None
+    dtype: object                  # autocast dtype, None for float32
+    augment: str
+    augment_rng: torch.Generator
+    memory_format: torch.memory_format
+    device: torch.device
+    task: object                   # its tasks.TASKS row
+    world: int = 1
+
+
 def build_model(config, args, prepared, checkpoint=None, seed=0, rank=0,
                 device=torch.device("cpu"), log=print):
-    """The model side of a run: the HMTL model (initialised, or the checkpoint's), its
-    in-painting layout, the optimiser, the warm-up + cosine schedule, the fp16 scaler, the
-    augmentation generator, and where a resumed run stood. Returns them as one namespace."""
+    """The model side of a run: the HMTL model (initialised, or the checkpoint's), the
+    optimiser, the warm-up + cosine schedule, the fp16 scaler and the augmentation generator,
+    and where a resumed run stood. Returns (Trainer, Progress, the in-painting layout used)."""
     faces, size, num_classes = prepared.faces, config["image_size"], prepared.num_classes
     layout, region_layout = None, None
     if config["ssl"] == "inpaint":  # where to mask the faces that come without landmarks
@@ -517,34 +550,32 @@ def build_model(config, args, prepared, checkpoint=None, seed=0, rank=0,
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, config, device)
-    total_steps = prepared.steps_per_epoch * config["epochs"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        int(config["warmup_epochs"] * prepared.steps_per_epoch), total_steps))
+        int(config["warmup_epochs"] * prepared.steps_per_epoch),
+        prepared.steps_per_epoch * config["epochs"]))
     dtype = autocast_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     augment_rng = torch.Generator(device).manual_seed(seed * 7919 + rank)
-    progress = dict(epoch=0, batches_done=0, step=0, best=-math.inf, nonfinite=0,
-                    epoch_sums={"steps": 0})  # epoch_sums: the epoch's loss parts, for curves.png
+    progress = Progress()
     if checkpoint is not None:
         if checkpoint.get("num_classes") != num_classes:
             raise RunError(f"{args.resume} has {checkpoint.get('num_classes')} classes, "
-                             f"this data {num_classes}")
+                           f"this data {num_classes}")
         hmtl.load_state(model, checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
-        progress.update({k: checkpoint[k] for k in ("epoch", "batches_done", "step", "best",
-                                                    "nonfinite")})
-        progress["epoch_sums"] = checkpoint.get("epoch_sums", progress["epoch_sums"])
+        progress = Progress(**{k: checkpoint[k] for k in ("epoch", "batches_done", "step", "best",
+                                                         "nonfinite")},
+                            epoch_sums=checkpoint.get("epoch_sums", {"steps": 0}))
         restore_random_states(checkpoint["rng"], rank, device, augment_rng,
-                              seed * 7919 + rank + 104729 * progress["step"])
-        log(f"resumed {args.resume}: epoch {progress['epoch'] + 1}, {progress['batches_done']} "
-            f"batches into it, step {progress['step']}")
-    return types.SimpleNamespace(
-        model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, dtype=dtype,
-        augment_rng=augment_rng, memory_format=memory_format, total_steps=total_steps,
-        region_layout=region_layout, **progress)
+                              seed * 7919 + rank + 104729 * progress.step)
+        log(f"resumed {args.resume}: epoch {progress.epoch + 1}, {progress.batches_done} "
+            f"batches into it, step {progress.step}")
+    trainer = Trainer(model, JointLoss(model), optimizer, scheduler, scaler, dtype,
+                      config["augment"], augment_rng, memory_format, device, prepared.task)
+    return trainer, progress, region_layout
 
 
 def restore_random_states(saved, rank, device, augment_rng, reseed):
@@ -578,41 +609,36 @@ def restore_random_states(saved, rank, device, augment_rng, reseed):
               f"rank on {device.type} (saved by {len(per_rank)} rank(s)); reseeded", flush=True)
 
 
-def final_evaluation(out, config, faces, data_root, device, args, record):
+def final_evaluation(run, device):
     """After training: best.pt on the split the dataset's papers report (test where there is
     one), printed and recorded as the run's "test" entry."""
-    best_model, _ = evaluation.load_checkpoint(os.path.join(out, "best.pt"), device)
-    split = faces.eval_split
-    metrics = evaluation.evaluate(best_model, config, faces, split, data_root, device,
-                                  config["batch_size"], args.workers, out)
-    evaluation.print_metrics(metrics, f"final evaluation of best.pt on {faces.name} / {split}")
-    record({"kind": "test", "split": split,
-            **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
+    best_model, _ = evaluation.load_checkpoint(os.path.join(run.out, "best.pt"), device)
+    split = run.faces.eval_split
+    metrics = evaluation.evaluate(best_model, run.config, run.faces, split, run.data_root, device,
+                                  run.config["batch_size"], run.args.workers, run.out)
+    evaluation.print_metrics(metrics, f"final evaluation of best.pt on {run.faces.name} / {split}")
+    record(run, {"kind": "test", "split": split,
+                 **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}})
     return metrics
 
 
-def main(argv=None, on_step=None):
-    """Train; returns the trained HMTL model (unwrapped). `on_step(step, stop_flag)` is called
-    after every step (tests use it to interrupt)."""
-    args = parse_args(argv)
-    if args.compare:
-        return compare(argv)
-    config = resolve_config(args)
-    checkpoint = None
-    if args.resume:
-        if not os.path.exists(args.resume):
-            raise RunError(f"--resume {args.resume} does not exist")
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
-        if "config" not in checkpoint or "batches_done" not in checkpoint:
-            raise RunError(f"{args.resume} is not a train.py checkpoint")
-        config = check_resumable(checkpoint["config"], config, args, args.resume)
-    seed = args.seed if args.seed is not None else checkpoint.get("seed", 0) if checkpoint else 0
-    data_root = args.data_root if args.data_root is not None else config.get("data_root")
-    config["data_root"] = data_root
+def read_resume_checkpoint(args, config):
+    """(the checkpoint to resume, the configuration it ran with) for --resume; (None, config)
+    without it."""
+    if not args.resume:
+        return None, config
+    if not os.path.exists(args.resume):
+        raise RunError(f"--resume {args.resume} does not exist")
+    checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
+    if "config" not in checkpoint or "batches_done" not in checkpoint:
+        raise RunError(f"{args.resume} is not a train.py checkpoint")
+    return checkpoint, check_resumable(checkpoint["config"], config, args, args.resume)
 
-    # distributed: torchrun sets WORLD_SIZE, RANK, LOCAL_RANK
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+
+def start_processes(args):
+    """(device, world size, rank): torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; one process
+    group per run (NCCL on GPUs, gloo on the CPU)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = torch.device(args.device)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs for it
@@ -624,303 +650,362 @@ def main(argv=None, on_step=None):
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              device_id=device if device.type == "cuda" else None)
-    main_process = rank == 0
+    return device, world, rank
 
-    def log(line):
-        if main_process:
-            print(line, flush=True)
 
-    def barrier():
-        if world > 1:
-            torch.distributed.barrier()
+def write_run_config(out, config, args, seed, device, region_layout):
+    """config.json: the resolved settings, and how this run was started (flags, seed, torch,
+    the device's name, the in-painting layout)."""
+    os.makedirs(out, exist_ok=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        platform.processor() or platform.machine()
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({**config, "run": {**{k: v for k, v in vars(args).items() if k not in DEFAULTS},
+                                     "seed": seed, "torch": torch.__version__, "device_name": name,
+                                     "region_layout": region_layout}}, f, indent=1)
 
+
+def describe_run(config, prepared, trainer, world, out):
+    """The run's first log line: the data, the recipe and the settings that cost time."""
+    faces, counts = prepared.faces, prepared.counts
+    per_class = f" ({', '.join(f'{c} {n}' for c, n in zip(faces.classes, counts.tolist()))})" \
+        if counts is not None else ""
+    recipe_name = f"recipe {config['recipe']}, " if config["recipe"] else ""
+    precision = f"AMP {str(trainer.dtype).split('.')[-1]}" if trainer.dtype else "float32"
+    return (f"{faces.name}: {len(prepared.train_set)} training samples{per_class}; {recipe_name}"
+            f"{config['ssl']} pretext, EfficientNet-{config['arch'].upper()}, "
+            f"{config['image_size']} px, batch {config['batch_size']} x {world}, {config['epochs']} "
+            f"epochs of {prepared.steps_per_epoch} steps; {precision} on {trainer.device}; out {out}")
+
+
+def main(argv=None, on_step=None):
+    """Train; returns the trained HMTL model (unwrapped). `on_step(step, stop_flag)` is called
+    after every step (tests use it to interrupt)."""
+    args = parse_args(argv)
+    if args.compare:
+        return compare(argv)
+    checkpoint, config = read_resume_checkpoint(args, resolve_config(args))
+    seed = args.seed if args.seed is not None else checkpoint.get("seed", 0) if checkpoint else 0
+    config["data_root"] = data_root = args.data_root if args.data_root is not None else config.get("data_root")
+    device, world, rank = start_processes(args)
+    log = print_if(rank == 0)
     # While rank 0 alone builds the prepared cache (an hour for AffectNet at 224 px), the others
     # wait on a CPU (gloo) group with a long timeout: NCCL's 10 minutes would end the run.
     long_wait = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=6)) \
         if world > 1 else None
-
-    def wait_for_prepare():
-        if world > 1:
-            torch.distributed.barrier(group=long_wait)
-
     out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
                        os.path.join("runs", config["recipe"] or
                                     f"{config['dataset']}-{config['ssl']}-{config['arch']}"))
 
-    # data
-    prepared = build_data(config, args, data_root, seed, rank, world, device, main_process,
-                          wait_for_prepare)
-    faces = prepared.faces
-
-    # model, optimiser, schedule (and where a resumed run stood)
-    built = build_model(config, args, prepared, checkpoint, seed, rank, device, log)
-    model = built.model
-
+    prepared = build_data(config, args, data_root, seed, rank, world, device, rank == 0,
+                          lambda: world > 1 and torch.distributed.barrier(group=long_wait))
+    trainer, progress, region_layout = build_model(config, args, prepared, checkpoint, seed, rank,
+                                                   device, log)
     if args.compile:  # every path (task, pretext, both views) goes through encoder.features
-        model.encoder.features.compile()
-    joint = JointLoss(model)
+        trainer.model.encoder.features.compile()
     if world > 1:
-        joint = torch.nn.parallel.DistributedDataParallel(
-            joint, device_ids=[device.index] if device.type == "cuda" else None,
+        trainer = dataclasses.replace(trainer, world=world, joint=torch.nn.parallel.DistributedDataParallel(
+            trainer.joint, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=config["task_weight"] == 0,
             # gradients written straight into the all-reduce buckets: no copy per step, and
             # no stride mismatch for channels_last weights (the squeeze-excitation's views)
-            gradient_as_bucket_view=True)
-
-    if main_process:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({**config, "run": {**{k: v for k, v in vars(args).items()
-                                            if k not in DEFAULTS}, "seed": seed,
-                                         "torch": torch.__version__,
-                                         "device_name": torch.cuda.get_device_name(device)
-                                         if device.type == "cuda" else platform.processor() or platform.machine(),
-                                         "region_layout": built.region_layout}}, f, indent=1)
-    if "au" in faces.labels:  # MTL frames carry any subset of the three tasks' labels
-        log(f"{faces.name} training frames labelled per task: "
-            + ", ".join(f"{k} {v}" for k, v in data.task_label_counts(faces.splits["train"]).items()))
-    counts = prepared.counts
-    log(f"{faces.name}: {len(prepared.train_set)} training samples"
-        + (f" ({', '.join(f'{c} {n}' for c, n in zip(faces.classes, counts.tolist()))})" if counts is not None else "")
-        + f"; {'recipe ' + config['recipe'] + ', ' if config['recipe'] else ''}"
-          f"{config['ssl']} pretext, EfficientNet-{config['arch'].upper()}, "
-          f"{config['image_size']} px, batch {config['batch_size']} x {world}, {config['epochs']} "
-          f"epochs of {prepared.steps_per_epoch} steps; "
-          f"{'AMP ' + str(built.dtype).split('.')[-1] if built.dtype else 'float32'} on {device}; out {out}")
-    run = types.SimpleNamespace(
-        config=config, args=args, seed=seed, out=out, device=device, world=world, rank=rank,
-        main_process=main_process, log=log, barrier=barrier, faces=faces, task=prepared.task,
-        data_root=data_root, joint=joint, sampler=prepared.sampler, loader=prepared.loader,
-        steps_per_epoch=prepared.steps_per_epoch, val_split=prepared.val_split,
-        num_classes=prepared.num_classes, on_step=on_step, **vars(built))
+            gradient_as_bucket_view=True))
+    if rank == 0:
+        write_run_config(out, config, args, seed, device, region_layout)
+    if "au" in prepared.faces.labels:  # MTL frames carry any subset of the three tasks' labels
+        log(f"{prepared.faces.name} training frames labelled per task: " + ", ".join(
+            f"{k} {v}" for k, v in data.task_label_counts(prepared.faces.splits["train"]).items()))
+    log(describe_run(config, prepared, trainer, world, out))
+    run = Run(trainer, config, args, seed, out, prepared.faces, data_root, prepared.loader,
+              prepared.sampler, prepared.steps_per_epoch, prepared.val_split,
+              prepared.num_classes, rank, log, on_step)
     stop = StopFlag()
     previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        finished = run_epochs(run, stop)
+        finished = run_epochs(run, progress, stop)
     finally:
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
-    if finished and main_process and not args.no_eval and config["task_weight"] > 0:
-        final_evaluation(out, config, faces, data_root, device, args, run.record)
+    if finished and rank == 0 and not args.no_eval and config["task_weight"] > 0:
+        final_evaluation(run, device)
     if world > 1:
         torch.distributed.destroy_process_group()
-    return model
+    return trainer.model
 
 
-def train_step(run, batch, skip=False):
+def print_if(condition):
+    """print, flushed, on the process that logs (rank 0); nothing on the others."""
+    return (lambda line: print(line, flush=True)) if condition else (lambda line: None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop: one step, its bookkeeping on the device, a log line, validation and
+# checkpoints at the end of each epoch.
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything the loop reads and none of it reassigns: the Trainer, the settings, the data
+    and where the run writes."""
+    trainer: Trainer
+    config: dict
+    args: argparse.Namespace
+    seed: int
+    out: str
+    faces: data.FaceData
+    data_root: str
+    loader: object
+    sampler: data.EpochSampler
+    steps_per_epoch: int
+    val_split: str
+    num_classes: int
+    rank: int = 0
+    log: object = print
+    on_step: object = None
+
+    @property
+    def total_steps(self):
+        return self.steps_per_epoch * self.config["epochs"]
+
+
+def train_step(trainer, batch, sums, skip=False):
     """One optimisation step, queued on the device without waiting for it: no Python branch on
     a device value and no scalar read (a test counts them: 0 per step). A step whose loss is
     not finite (or that `skip` asks to pass over) changes no weight: the fused optimizer skips
-    it on the device, told by `found_inf` as GradScaler tells it, and it is counted there."""
-    device, task = run.device, run.task
+    it on the device, told by `found_inf` as GradScaler tells it, and `sums` counts it there."""
+    device, task, optimizer = trainer.device, trainer.task, trainer.optimizer
     images = batch["image"].to(device, non_blocking=True)
     landmarks = batch["landmarks"].to(device, non_blocking=True)
     has_landmarks = batch["has_landmarks"].to(device, non_blocking=True)
     targets = {key: batch[key].to(device, non_blocking=True) for key in task.labels}
     angles = targets["target"] if task.angles else None  # flips move head pose
-    images, landmarks, angles = data.augment(images, run.config["augment"], landmarks, angles,
-                                             run.augment_rng)
+    images, landmarks, angles = data.augment(images, trainer.augment, landmarks, angles,
+                                             trainer.augment_rng)
     if task.angles:
         targets["target"] = angles
-    images = images.contiguous(memory_format=run.memory_format)
-    with torch.autocast(device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
-        parts, _ = run.joint(images, targets, landmarks, has_landmarks, run.augment_rng)
+    images = images.contiguous(memory_format=trainer.memory_format)
+    with torch.autocast(device.type, dtype=trainer.dtype or torch.float32, enabled=trainer.dtype is not None):
+        parts, _ = trainer.joint(images, targets, landmarks, has_landmarks, trainer.augment_rng)
     loss = parts["loss"]
     # a NaN on one rank reaches every rank's averaged gradients: all skip
-    bad = any_rank(run, ((~torch.isfinite(loss.detach())) | skip).float())
-    run.optimizer.zero_grad(set_to_none=True)
-    if run.scaler is not None:  # fp16: the scaler finds the non-finite gradients itself
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
+    bad = any_rank(trainer.world, ((~torch.isfinite(loss.detach())) | skip).float())
+    optimizer.zero_grad(set_to_none=True)
+    if trainer.scaler is not None:  # fp16: the scaler finds the non-finite gradients itself
+        trainer.scaler.scale(loss).backward()
+        trainer.scaler.step(optimizer)
+        trainer.scaler.update()
     else:
         loss.backward()
-        run.optimizer.grad_scale, run.optimizer.found_inf = None, bad
-        run.optimizer.step()
-        del run.optimizer.grad_scale, run.optimizer.found_inf
-    run.scheduler.step()
-    good = 1 - bad
-    run.device_sums["skipped"] += bad
-    run.device_sums["steps"] += good
-    for key, value in parts.items():  # a skipped step's loss parts are left out of the means
-        run.device_sums[key] = run.device_sums.get(key, 0.0) + torch.nan_to_num(value.detach().float()) * good
+        optimizer.grad_scale, optimizer.found_inf = None, bad
+        optimizer.step()
+        del optimizer.grad_scale, optimizer.found_inf
+    trainer.scheduler.step()
+    sums.add(parts, bad)
 
 
-def fresh_sums(device):
-    """The per-interval sums that train_step accumulates on the device."""
-    return {"skipped": torch.zeros((), device=device), "steps": torch.zeros((), device=device)}
+class IntervalSums:
+    """The loss parts of the steps since the last log line, summed on the device (a step never
+    reads them); read() brings them to the host in one transfer, at log steps only, and starts
+    over."""
+
+    def __init__(self, device):
+        self.device = device
+        self.sums = self.zeros()
+
+    def zeros(self):
+        return {"skipped": torch.zeros((), device=self.device), "steps": torch.zeros((), device=self.device)}
+
+    def add(self, parts, bad):
+        good = 1 - bad
+        self.sums["skipped"] += bad
+        self.sums["steps"] += good
+        for key, value in parts.items():  # a skipped step's loss parts are left out of the means
+            self.sums[key] = self.sums.get(key, 0.0) + torch.nan_to_num(value.detach().float()) * good
+
+    def read(self):
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).tolist()
+        self.sums = self.zeros()
+        return dict(zip(keys, values))
 
 
-def read_interval(run):
-    """The loss parts summed on the device since the last read, as Python numbers: the one
-    host-device synchronisation, at log steps only."""
-    keys = list(run.device_sums)
-    values = torch.stack([run.device_sums[k] for k in keys]).tolist()
-    run.device_sums = fresh_sums(run.device)
-    return dict(zip(keys, values))
-
-
-def any_rank(run, flag):
+def any_rank(world, flag):
     """A 0/1 float tensor on the device -> 1 on every rank if it is 1 on any (all ranks call
     it); on the device, so no rank waits for it to be read."""
-    if run.world > 1:
+    if world > 1:
         torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
     return flag
 
 
-def agreed(run, flag):
+def agreed(trainer, flag):
     """A Python flag, agreed (any rank's True is every rank's): so they all leave the loop at
     the same step. Read on the host: at log steps only."""
-    return bool(any_rank(run, torch.tensor(float(flag), device=run.device))) if run.world > 1 else flag
+    if trainer.world == 1:
+        return flag
+    return bool(any_rank(trainer.world, torch.tensor(float(flag), device=trainer.device)))
 
 
-def random_states(run):
+def random_states(trainer):
     """Every rank's random states (CPU, its GPU's, the augmentation generator's), gathered on
     every rank (a collective: all ranks call it), so that each resumes with its own."""
-    own = {"cpu": torch.get_rng_state(), "augment": run.augment_rng.get_state(),
-           "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
-    if run.world == 1:
+    device = trainer.device
+    own = {"cpu": torch.get_rng_state(), "augment": trainer.augment_rng.get_state(),
+           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if trainer.world == 1:
         return [own]
-    states = [None] * run.world
+    states = [None] * trainer.world
     torch.distributed.all_gather_object(states, own)
     return states
 
 
-def state(run, epoch, batches_done, per_rank):
-    """What a checkpoint holds: weights, optimiser, schedule, scaler, progress, and every
-    rank's random states (random_states)."""
-    return {"model": run.model.state_dict(), "config": run.config, "seed": run.seed,
-            "num_classes": run.num_classes, "classes": run.faces.classes,
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-            "epoch": epoch, "batches_done": batches_done, "step": run.step, "best": run.best,
-            "nonfinite": run.nonfinite, "epoch_sums": run.epoch_sums,
-            "rng": {"per_rank": per_rank, "device": run.device.type}}
+def save(run, progress, name, epoch, batches_done, per_rank):
+    """A checkpoint (rank 0 writes it): weights, optimiser, schedule, scaler, the progress,
+    and every rank's random states (random_states)."""
+    if run.rank != 0:
+        return
+    trainer = run.trainer
+    save_atomically({
+        "model": trainer.model.state_dict(), "config": run.config, "seed": run.seed,
+        "num_classes": run.num_classes, "classes": run.faces.classes,
+        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+        "epoch": epoch, "batches_done": batches_done, "step": progress.step, "best": progress.best,
+        "nonfinite": progress.nonfinite, "epoch_sums": progress.epoch_sums,
+        "rng": {"per_rank": per_rank, "device": trainer.device.type}}, os.path.join(run.out, name))
 
 
-def run_epochs(run, stop):
-    """The training loop: epochs of train_step, a progress line (and the loss parts read from
-    the device) every --log-interval steps, validation, best.pt and last.pt after each epoch.
-    A stop signal or a run of non-finite losses ends it at a log step, agreed by every rank,
-    with last.pt saved. Returns True when every epoch ran."""
-    config, args, log, out = run.config, run.args, run.log, run.out
-    metrics_file = os.path.join(out, "metrics.jsonl")
+def record(run, entry):
+    """One line of metrics.jsonl (rank 0)."""
+    if run.rank == 0:
+        with open(os.path.join(run.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
-    def record(entry):
-        if run.main_process:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-    run.record = record
 
-    def save(name, epoch, batches_done, per_rank):
-        if run.main_process:
-            save_atomically(state(run, epoch, batches_done, per_rank), os.path.join(out, name))
+def barrier(run):
+    if run.trainer.world > 1:
+        torch.distributed.barrier()
 
-    run.device_sums = fresh_sums(run.device)
-    # The ETA is timed from the first progress line on: the first interval also holds the
-    # start-up (data workers, first allocations), which made a 2-minute run's ETA read 2 hours.
-    clock = {"time": None, "step": None}
+
+def run_epochs(run, progress, stop):
+    """The training loop: epochs of train_step; every --log-interval steps a progress line (the
+    loss parts read from the device) and the ranks agree on stopping; after each epoch,
+    validation, best.pt and last.pt. A stop signal ends it at a log step with last.pt saved.
+    Returns True when every epoch ran."""
+    config, args, trainer = run.config, run.args, run.trainer
+    sums, clock = IntervalSums(trainer.device), {"time": None, "step": None}
     skipped_images, last_batch = 0, None
-    while run.epoch < config["epochs"]:
-        run.sampler.set_epoch(run.epoch, run.batches_done * config["batch_size"])
-        run.model.train()
-        interval = {"time": time.perf_counter(), "images": 0, "first": run.step + 1}
+    while progress.epoch < config["epochs"]:
+        run.sampler.set_epoch(progress.epoch, progress.batches_done * config["batch_size"])
+        trainer.model.train()
+        interval = {"time": time.perf_counter(), "images": 0, "first": progress.step + 1}
         for batch in run.loader:
             skipped_images += len(batch["skipped"])
             for entry in batch["skipped"]:
-                log(f"skipped an unreadable image: {entry}")
+                run.log(f"skipped an unreadable image: {entry}")
             if "image" in batch:
                 last_batch = batch
-                train_step(run, batch)
-            elif run.world > 1 and last_batch is not None:
+                train_step(trainer, batch, sums)
+            elif trainer.world > 1 and last_batch is not None:
                 # no readable image on this rank: every rank must still take part in the
                 # step's collectives, so it runs the last batch again and the update is skipped
-                train_step(run, last_batch, skip=True)
+                train_step(trainer, last_batch, sums, skip=True)
             else:
-                run.batches_done += 1
+                progress.batches_done += 1
                 continue
-            run.step += 1
-            run.batches_done += 1
-            interval["images"] += len(batch.get("image", ())) * run.world
+            progress.step += 1
+            progress.batches_done += 1
+            interval["images"] += len(batch.get("image", ())) * trainer.world
             if run.on_step is not None:
-                run.on_step(run.step, stop)
-            last_of_epoch = run.batches_done == run.steps_per_epoch
-            at_limit = bool(args.max_steps and run.step >= args.max_steps)
-            if run.step % args.log_interval and not last_of_epoch and not at_limit:
+                run.on_step(progress.step, stop)
+            last_of_epoch = progress.batches_done == run.steps_per_epoch
+            at_limit = bool(args.max_steps and progress.step >= args.max_steps)
+            if progress.step % args.log_interval and not last_of_epoch and not at_limit:
                 continue
-            # a log step: read the device once, agree on stopping
-            sums = read_interval(run)
-            steps, skipped = sums.pop("steps"), sums.pop("skipped")
-            for key, value in sums.items():
-                run.epoch_sums[key] = run.epoch_sums.get(key, 0.0) + value
-            run.epoch_sums["steps"] = run.epoch_sums.get("steps", 0) + steps
-            if skipped:
-                run.nonfinite += int(skipped)
-                where = (f"step {run.step}" if interval["first"] == run.step
-                         else f"steps {interval['first']}-{run.step}")
-                log(f"non-finite loss at epoch {run.epoch + 1} {where}: "
-                    f"{int(skipped)} step{'s' if skipped > 1 else ''} skipped ({run.nonfinite} so far)")
-                if run.nonfinite >= 20:  # every rank counts the same agreed skips
-                    save("last.pt", run.epoch, run.batches_done, random_states(run))
-                    raise RunError("20 non-finite losses; stopped (last.pt saved). "
-                                     "Lower --lr or check the data.")
-            now = time.perf_counter()
-            rate = interval["images"] / max(now - interval["time"], 1e-9)
-            if clock["time"] is None:
-                clock.update(time=now, step=run.step)
-                eta = "ETA --"
-            else:
-                per_step = (now - clock["time"]) / (run.step - clock["step"])
-                eta = f"ETA {format_duration((run.total_steps - run.step) * per_step)}"
-            means = {k: v / max(1, steps) for k, v in sums.items()}
-            lr = run.scheduler.get_last_lr()[0]
-            log(f"epoch {run.epoch + 1}/{config['epochs']} step {run.batches_done}/"
-                f"{run.steps_per_epoch} {' '.join(f'{k} {v:.4f}' for k, v in means.items())} "
-                f"lr {lr:.2e} {rate:.0f} img/s {eta}")
-            record({"kind": "train", "epoch": run.epoch + 1, "step": run.step, **means, "lr": lr,
-                    "images_per_s": rate})
-            interval = {"time": time.perf_counter(), "images": 0, "first": run.step + 1}
-            if agreed(run, stop.requested):
+            log_progress(run, progress, sums.read(), interval, clock)
+            interval = {"time": time.perf_counter(), "images": 0, "first": progress.step + 1}
+            if agreed(trainer, stop.requested):
                 stop.requested = True
-                save("last.pt", run.epoch, run.batches_done, random_states(run))
-                log(f"stopped at epoch {run.epoch + 1}, {run.batches_done} batches in: "
-                    f"{os.path.join(out, 'last.pt')} saved; --resume it to continue")
-                run.barrier()
+                save(run, progress, "last.pt", progress.epoch, progress.batches_done, random_states(trainer))
+                run.log(f"stopped at epoch {progress.epoch + 1}, {progress.batches_done} batches in: "
+                        f"{os.path.join(run.out, 'last.pt')} saved; --resume it to continue")
+                barrier(run)
                 return False
             if at_limit:
                 break
-        record({"kind": "epoch", "epoch": run.epoch + 1, "step": run.step,
-                **{k: v / max(1, run.epoch_sums["steps"]) for k, v in run.epoch_sums.items()
-                   if k != "steps"}})
-        run.epoch, run.batches_done, run.epoch_sums = run.epoch + 1, 0, {"steps": 0}
-        finished = run.epoch
-        if args.max_steps and run.step >= args.max_steps:
-            run.epoch = config["epochs"]  # a smoke run ends here, checkpointed and evaluated
-        per_rank = random_states(run)
-        if run.val_split:  # every rank validates its share (NCCL would time out waiting on one)
-            metrics = evaluation.evaluate(run.model, config, run.faces, run.val_split, run.data_root,
-                                          run.device, config["batch_size"], args.workers,
-                                          rank=run.rank, world=run.world)
-            score = evaluation.selection_metric(config["task"], metrics, run.faces.name)
-            shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-            log(f"epoch {finished} validation ({run.val_split}): {shown}")
-            record({"kind": "val", "epoch": finished, "step": run.step, "split": run.val_split,
-                    **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
-            if score > run.best:  # the same metrics, so the same choice, on every rank
-                run.best = score
-                save("best.pt", run.epoch, 0, per_rank)
-        save("last.pt", run.epoch, 0, per_rank)
-        if not run.val_split:
-            save("best.pt", run.epoch, 0, per_rank)
-        if run.main_process:
-            with open(metrics_file) as f:
-                evaluation.curves_png([json.loads(line) for line in f], os.path.join(out, "curves.png"))
-        run.barrier()
+        end_epoch(run, progress)
     if skipped_images:
-        log(f"{skipped_images} unreadable images were skipped during training")
-    if run.nonfinite:
-        log(f"{run.nonfinite} steps had a non-finite loss and were skipped")
+        run.log(f"{skipped_images} unreadable images were skipped during training")
+    if progress.nonfinite:
+        run.log(f"{progress.nonfinite} steps had a non-finite loss and were skipped")
     return True
+
+
+def log_progress(run, progress, sums, interval, clock):
+    """A log step: the interval's loss parts (summed on the device, read once), its skipped
+    non-finite steps (20 in all stop the run, last.pt saved), images/s and the ETA (timed from
+    the first progress line on: the first interval also holds the start-up, which made a
+    2-minute run's ETA read 2 hours)."""
+    steps, skipped = sums.pop("steps"), sums.pop("skipped")
+    for key, value in sums.items():
+        progress.epoch_sums[key] = progress.epoch_sums.get(key, 0.0) + value
+    progress.epoch_sums["steps"] = progress.epoch_sums.get("steps", 0) + steps
+    if skipped:
+        progress.nonfinite += int(skipped)
+        where = (f"step {progress.step}" if interval["first"] == progress.step
+                 else f"steps {interval['first']}-{progress.step}")
+        run.log(f"non-finite loss at epoch {progress.epoch + 1} {where}: {int(skipped)} "
+                f"step{'s' if skipped > 1 else ''} skipped ({progress.nonfinite} so far)")
+        if progress.nonfinite >= 20:  # every rank counts the same agreed skips
+            save(run, progress, "last.pt", progress.epoch, progress.batches_done, random_states(run.trainer))
+            raise RunError("20 non-finite losses; stopped (last.pt saved). Lower --lr or check the data.")
+    now = time.perf_counter()
+    rate = interval["images"] / max(now - interval["time"], 1e-9)
+    if clock["time"] is None:
+        clock.update(time=now, step=progress.step)
+        eta = "ETA --"
+    else:
+        per_step = (now - clock["time"]) / (progress.step - clock["step"])
+        eta = f"ETA {format_duration((run.total_steps - progress.step) * per_step)}"
+    means = {k: v / max(1, steps) for k, v in sums.items()}
+    lr = run.trainer.scheduler.get_last_lr()[0]
+    run.log(f"epoch {progress.epoch + 1}/{run.config['epochs']} step {progress.batches_done}/"
+            f"{run.steps_per_epoch} {' '.join(f'{k} {v:.4f}' for k, v in means.items())} "
+            f"lr {lr:.2e} {rate:.0f} img/s {eta}")
+    record(run, {"kind": "train", "epoch": progress.epoch + 1, "step": progress.step, **means,
+                 "lr": lr, "images_per_s": rate})
+
+
+def end_epoch(run, progress):
+    """The epoch's mean loss parts; validation on every rank (each its share: NCCL would time
+    out waiting on one), best.pt when the score improves, last.pt, curves.png."""
+    args = run.args
+    record(run, {"kind": "epoch", "epoch": progress.epoch + 1, "step": progress.step,
+                 **{k: v / max(1, progress.epoch_sums["steps"]) for k, v in progress.epoch_sums.items()
+                    if k != "steps"}})
+    progress.epoch, progress.batches_done, progress.epoch_sums = progress.epoch + 1, 0, {"steps": 0}
+    finished = progress.epoch
+    if args.max_steps and progress.step >= args.max_steps:
+        progress.epoch = run.config["epochs"]  # a smoke run ends here, checkpointed and evaluated
+    per_rank = random_states(run.trainer)
+    if run.val_split:
+        metrics = evaluation.evaluate(run.trainer.model, run.config, run.faces, run.val_split,
+                                      run.data_root, run.trainer.device, run.config["batch_size"],
+                                      args.workers, rank=run.rank, world=run.trainer.world)
+        score = evaluation.selection_metric(run.config["task"], metrics, run.faces.name)
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        run.log(f"epoch {finished} validation ({run.val_split}): {shown}")
+        record(run, {"kind": "val", "epoch": finished, "step": progress.step, "split": run.val_split,
+                     **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        if score > progress.best:  # the same metrics, so the same choice, on every rank
+            progress.best = score
+            save(run, progress, "best.pt", progress.epoch, 0, per_rank)
+    save(run, progress, "last.pt", progress.epoch, 0, per_rank)
+    if not run.val_split:
+        save(run, progress, "best.pt", progress.epoch, 0, per_rank)
+    if run.rank == 0:
+        with open(os.path.join(run.out, "metrics.jsonl")) as f:
+            evaluation.curves_png([json.loads(line) for line in f], os.path.join(run.out, "curves.png"))
+    barrier(run)
 
 
 # ----------------------------------------------------------------------------------------------
