@@ -2247,11 +2247,14 @@ def print_summary(report):
         print(f"  fold {i}: {fold['images']} images, subjects {' '.join(fold['subjects'])}")
 
 
+DATA_COMMANDS = ("summary", "prepare", "layout")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="HMTL datasets: check a copy, prepare a cache, "
                                                  "measure where the faces' parts sit.")
-    parser.add_argument("command", choices=["summary", "prepare", "layout"])
-    parser.add_argument("--dataset", default="demo", choices=list(READERS))
+    parser.add_argument("command", help="summary, prepare or layout")
+    parser.add_argument("--dataset", default="demo", help=f"one of {', '.join(READERS)}")
     parser.add_argument("--data-root", help="the dataset's folder, as downloaded")
     parser.add_argument("--classes", type=int, help="protocol: AffectNet 8|7, CK+ 7|8")
     parser.add_argument("--size", type=int, help="face crop side in pixels (prepare: 224, layout: 48)")
@@ -2263,6 +2266,8 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
+        if args.command not in DATA_COMMANDS:
+            raise UnknownName("command", args.command, DATA_COMMANDS)
         data = load(args.dataset, args.data_root, args.classes, args.cache_dir)
         if args.command == "summary":
             report = summarize(data, args.verify)

@@ -881,6 +881,9 @@ def contact_sheet(faces, path, split="train", size=128, count=12, level="weak", 
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        raise data.UnknownName("command", argv[0], COMMANDS)
     args = parser().parse_args(argv)
     result = COMMANDS[args.command](args)
     if args.json:
@@ -900,7 +903,7 @@ def parser():
             sub.add_argument("--checkpoint", required=True, help="a train.py checkpoint (best.pt)")
             sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         if dataset:
-            sub.add_argument("--dataset", required=True, choices=list(data.READERS))
+            sub.add_argument("--dataset", required=True, help=f"one of {', '.join(data.READERS)}")
             sub.add_argument("--data-root")
             sub.add_argument("--cache-dir", help="where the prepared caches are, if not in the data root")
             sub.add_argument("--classes", type=int, help="protocol: AffectNet 8|7, CK+ 7|8")
@@ -941,7 +944,7 @@ def parser():
     convert.add_argument("--classes", type=int, help="keep the first N of the dataset's classes")
     show = command("show", "training faces as the network gets them, with the in-painting "
                            "regions and the puzzle drawn on them: one PNG", checkpoint=False)
-    show.add_argument("--dataset", default="demo", choices=list(data.READERS))
+    show.add_argument("--dataset", default="demo", help=f"one of {', '.join(data.READERS)}")
     show.add_argument("--data-root")
     show.add_argument("--classes", type=int, help="protocol: AffectNet 8|7, CK+ 7|8")
     show.add_argument("--size", type=int, default=128)

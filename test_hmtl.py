@@ -3104,3 +3104,38 @@ def test_every_command_in_the_readme_and_the_reference_parses():
             assert stop.value.code == 0, rest
         else:
             evaluation.parser().parse_args(words)
+
+
+def test_a_mistyped_name_gets_one_line_with_the_closest(tmp_path, capsys):
+    """A recipe, a dataset or a subcommand mistyped: one line naming the closest valid ones."""
+    with pytest.raises(data.UnknownName, match="unknown command 'shwo'; did you mean show"):
+        evaluation.main(["shwo"])
+    with pytest.raises(data.UnknownName, match="unknown dataset 'fer2031'; did you mean fer2013"):
+        train.main(["--dataset", "fer2031", "--data-root", str(tmp_path)])
+    with pytest.raises(SystemExit, match="^error: unknown command 'sumary'; did you mean summary"):
+        data.main(["sumary"])
+    with pytest.raises(SystemExit, match="^error: unknown dataset 'afectnet'; did you mean affectnet"):
+        data.main(["summary", "--dataset", "afectnet", "--data-root", str(tmp_path)])
+
+
+def test_an_unfinished_comparison_reports_what_has_finished(tmp_path, capsys):
+    """Spread over sittings, --compare writes its table with the finished runs, the seeds each
+    cell has, and names the runs still to train."""
+    runs, folders = [], []
+    for variant, ssl in train.COMPARE_VARIANTS.items():
+        for seed in train.COMPARE_SEEDS:
+            folder = tmp_path / f"{ssl}-20pct-seed{seed}"
+            folders.append(str(folder))
+            if variant != "in-painting" or seed == 0:  # in-painting: seed 0 only so far
+                runs.append({"data": "20 %", "variant": variant, "seed": seed, "fraction": 0.2,
+                             "accuracy": 0.5 + seed / 100, "macro_f1": 0.4, "seconds": None,
+                             "folder": str(folder)})
+                folder.mkdir()
+                (folder / "metrics.jsonl").write_text('{"kind": "test", "accuracy": 0.5}\n')
+    summary = train.compare_report(runs, folders, str(tmp_path), [], "fer2013")
+    printed = capsys.readouterr().out
+    assert summary["table"]["20 %"]["SL"] == {"mean": pytest.approx(0.51), "std": pytest.approx(0.01), "seeds": 3}
+    assert summary["table"]["20 %"]["in-painting"]["seeds"] == 1 and "full" in summary["table"]
+    assert summary["table"]["full"] == {} and len(summary["unfinished"]) == 2
+    assert "(1 seeds)" in printed and "not run" in printed and "2 of 9 runs not finished" in printed
+    assert (tmp_path / "compare.png").exists() and (tmp_path / "compare.json").exists()

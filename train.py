@@ -167,7 +167,7 @@ def parse_args(argv=None):
     add = p.add_argument
     g = p.add_argument_group("what to train (default: DEFAULTS, or the recipe's values)")
     g.add_argument("--recipe", help=f"a named experiment: {', '.join(sorted(RECIPES))}")
-    g.add_argument("--dataset", choices=list(data.READERS))
+    g.add_argument("--dataset", help=f"one of {', '.join(data.READERS)}")
     g.add_argument("--data-root", help="the dataset folder as downloaded (not needed for demo)")
     g.add_argument("--classes", type=int, help="protocol: AffectNet 8 or 7")
     g.add_argument("--task", choices=list(tasks.TASKS),
@@ -1067,18 +1067,19 @@ def compare(argv):
         print(f"{len(todo)} runs to train, {args.jobs} at a time", flush=True)
         run_processes([([sys.executable, os.path.abspath(__file__), *cell_flags(v, f, s, folder)], folder)
                        for (_, v, f, s), folder in todo], args.jobs)
+    stopped = False
     for k, ((name, variant, fraction, seed), folder) in enumerate(zip(cells, folders), 1):
         result = final_test(folder)
         began, reused = time.perf_counter(), result is not None
-        if result is None and args.jobs == 1:
+        if result is None and args.jobs == 1 and not stopped:
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, "train.log"), "a") as log_file, \
                     contextlib.redirect_stdout(log_file):
                 main(cell_flags(variant, fraction, seed, folder))
             result = final_test(folder)
-        if result is None:  # Ctrl-C / SIGTERM: the run saved last.pt and returned
-            raise SystemExit(f"stopped in run {k}/{len(cells)} ({folder}); run the same "
-                             f"command again to continue")
+            stopped = result is None  # Ctrl-C / SIGTERM: it saved last.pt; train no further
+        if result is None:  # reported as missing: the table holds what has finished
+            continue
         runs.append({"data": name, "variant": variant, "seed": seed, "fraction": fraction,
                      "accuracy": result["accuracy"], "macro_f1": result.get("macro_f1"),
                      "seconds": None if reused else round(time.perf_counter() - began, 1),
@@ -1087,39 +1088,59 @@ def compare(argv):
         took = "finished earlier" if reused else format_duration(runs[-1]["seconds"])
         print(f"[{k}/{len(cells)}] {name:>5} {variant:<12} seed {seed}: test accuracy "
               f"{result['accuracy']:.4f} ({took}; {format_duration(elapsed)} so far)", flush=True)
-    def table_of(metric):
-        return {name: {variant: mean_std([r[metric] for r in runs
-                                          if r["data"] == name and r["variant"] == variant])
-                       for variant in COMPARE_VARIANTS} for name in COMPARE_DATA}
+    return compare_report(runs, folders, out, flags, args.dataset or "demo")
 
+
+def compare_report(runs, folders, out, flags, dataset):
+    """The comparison's table (accuracy and macro-F1, mean +- std over the finished seeds of
+    each cell; the cells not finished yet are named), printed and written as compare.json and
+    compare.png."""
+    def table_of(metric):  # the cells with at least one finished seed
+        values = {(name, variant): [r[metric] for r in runs if r["data"] == name and r["variant"] == variant]
+                  for name in COMPARE_DATA for variant in COMPARE_VARIANTS}
+        return {name: {variant: mean_std(values[name, variant]) for variant in COMPARE_VARIANTS
+                       if values[name, variant]} for name in COMPARE_DATA}
+
+    seeds_done = {name: {variant: sum(r["data"] == name and r["variant"] == variant for r in runs)
+                         for variant in COMPARE_VARIANTS} for name in COMPARE_DATA}
     table = table_of("accuracy")
     f1_table = table_of("macro_f1") if all(r["macro_f1"] is not None for r in runs) else None
+
+    def cell(shown, name, variant):
+        if variant not in shown[name]:
+            return "not run"
+        (mean, std), seeds = shown[name][variant], seeds_done[name][variant]
+        return f"{mean:.4f} +- {std:.4f}" + ("" if seeds == len(COMPARE_SEEDS) else f" ({seeds} seeds)")
+
     width = max(map(len, COMPARE_VARIANTS))
     for title, shown in (("accuracy", table), ("macro-F1", f1_table)):
         if shown is None:
             continue
         print(f"\ntest {title}, mean +- std over seeds {', '.join(map(str, COMPARE_SEEDS))}")
-        print(" " * (width + 2) + "".join(f"{name:>18}" for name in COMPARE_DATA))
+        print(" " * (width + 2) + "".join(f"{name:>28}" for name in COMPARE_DATA))
         for variant in COMPARE_VARIANTS:
-            print(f"  {variant:<{width}}" + "".join(
-                f"{shown[name][variant][0]:>11.4f} +- {shown[name][variant][1]:.4f}"[-18:].rjust(18)
-                for name in COMPARE_DATA))
+            print(f"  {variant:<{width}}" + "".join(f"{cell(shown, name, variant):>28}"
+                                                     for name in COMPARE_DATA))
     trained_with = sorted({f"torch {r['torch']} on {r['device_name']}" for r in map(run_info, folders)
                            if r.get("torch")})  # the runs' own, which may be another machine's
     summary = {"torch": torch.__version__, "trained_with": trained_with, "flags": flags,
                "seeds": list(COMPARE_SEEDS),
                "data": COMPARE_DATA, "variants": COMPARE_VARIANTS, "runs": runs,
-               "table": {name: {variant: {"mean": m, "std": s} for variant, (m, s) in row.items()}
-                         for name, row in table.items()},
+               "table": {name: {variant: {"mean": m, "std": s, "seeds": seeds_done[name][variant]}
+                                for variant, (m, s) in row.items()} for name, row in table.items()},
                "table_macro_f1": f1_table and {
-                   name: {variant: {"mean": m, "std": s} for variant, (m, s) in row.items()}
-                   for name, row in f1_table.items()}}
+                   name: {variant: {"mean": m, "std": s, "seeds": seeds_done[name][variant]}
+                          for variant, (m, s) in row.items()} for name, row in f1_table.items()},
+               "unfinished": [folder for folder in folders if final_test(folder) is None]}
     with open(os.path.join(out, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)
     evaluation.bars_png(table, os.path.join(out, "compare.png"),
-                        f"{args.dataset or 'demo'}: test accuracy, mean +- std over "
+                        f"{dataset}: test accuracy, mean +- std over "
                         f"{len(COMPARE_SEEDS)} seeds ({'; '.join(trained_with) or 'torch ' + torch.__version__})")
     print(f"wrote {os.path.join(out, 'compare.json')} and compare.png", flush=True)
+    if summary["unfinished"]:
+        print(f"{len(summary['unfinished'])} of {len(folders)} runs not finished (the table holds "
+              f"what has): run the same command again to continue", flush=True)
     return summary
 
 
