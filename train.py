@@ -240,6 +240,9 @@ def parse_args(argv=None):
     add("--compare", action="store_true",
         help="the paper's comparison in miniature: SL, puzzle and in-painting on the full and "
              "a 20%% training set, 3 seeds each; a table, compare.json and compare.png")
+    add("--minutes", type=float,
+        help="--compare: start no run after this many minutes and stop the running ones (each "
+             "saves and resumes next time); 0 only writes the table of the finished runs")
     add("--jobs", type=int, default=1,
         help="--compare: runs trained at once, each its own process (small models leave a GPU "
              "mostly idle; several runs share it)")
@@ -1061,17 +1064,18 @@ def compare(argv):
     folders = [os.path.join(out, f"{COMPARE_VARIANTS[v]}-{int(f * 100)}pct-seed{s}") for _, v, f, s in cells]
     for (_, variant, fraction, seed), folder in zip(cells, folders):
         check_same_settings(folder, resolve_config(parse_args(cell_flags(variant, fraction, seed, folder))), seed)
+    deadline = None if args.minutes is None else time.time() + 60 * args.minutes
     if args.jobs > 1:  # the unfinished cells in parallel processes, then the table as below
         todo = sorted([(cell, folder) for cell, folder in zip(cells, folders) if final_test(folder) is None],
                       key=lambda job: (job[0][2], job[0][3]))  # low data, then seed by seed: soonest useful
         print(f"{len(todo)} runs to train, {args.jobs} at a time", flush=True)
         run_processes([([sys.executable, os.path.abspath(__file__), *cell_flags(v, f, s, folder)], folder)
-                       for (_, v, f, s), folder in todo], args.jobs)
+                       for (_, v, f, s), folder in todo], args.jobs, deadline)
     stopped = False
     for k, ((name, variant, fraction, seed), folder) in enumerate(zip(cells, folders), 1):
         result = final_test(folder)
         began, reused = time.perf_counter(), result is not None
-        if result is None and args.jobs == 1 and not stopped:
+        if result is None and args.jobs == 1 and not stopped and (deadline is None or time.time() < deadline):
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, "train.log"), "a") as log_file, \
                     contextlib.redirect_stdout(log_file):
