@@ -1711,7 +1711,7 @@ def test_fer2013_bench_chooses_on_publictest_and_its_cells_are_what_compare_read
                for pct in ("", "20pct-") for name, variant in
                (("sl", dict(ssl="none")), ("puzzle", dict(ssl="puzzle", lambda_ssl=0.3, view="separate")),
                 ("inpaint", dict(ssl="inpaint", lambda_ssl=0.3, view="separate")))}
-    monkeypatch.setattr(hmtl, "RECIPES", {**train.RECIPES, **recipes})
+    monkeypatch.setattr(train, "RECIPES", {**train.RECIPES, **recipes})
     monkeypatch.setattr(train, "main", lambda *a, **k: pytest.fail("--compare retrained a finished cell"))
     table = train.compare(["--dataset", "fer2013", "--data-root", str(root), "--compare",
                            "--out", str(out / "compare")])
