@@ -34,6 +34,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections import Counter
@@ -1854,6 +1855,16 @@ def open_split(data, split, size, data_root, indices=None):
         CachedDataset(directory, split, indices)
 
 
+def leave_stop_signals_to_the_trainer(worker_id):
+    """A loader worker ignores SIGINT and SIGTERM. A signal to the whole process group (Ctrl-C
+    in the shell, a batch scheduler's time limit, `kill -- -PGID`) would otherwise end the
+    workers first, and the training process would die with "DataLoader worker exited" at its
+    next batch instead of saving last.pt. The workers still end with the loader, or when
+    their parent dies (torch's worker watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size, workers=0, sampler=None, drop_last=False, pin_memory=False):
     """A DataLoader for either kind of dataset, with the matching collate."""
     cached = isinstance(dataset, CachedDataset)
@@ -1863,7 +1874,7 @@ def make_loader(dataset, batch_size, workers=0, sampler=None, drop_last=False, p
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
         num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
         collate_fn=identity_collate if cached else collate,
-        generator=torch.Generator().manual_seed(0))
+        worker_init_fn=leave_stop_signals_to_the_trainer, generator=torch.Generator().manual_seed(0))
 
 
 class EpochSampler(torch.utils.data.Sampler):

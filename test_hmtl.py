@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import urllib.error
@@ -1671,6 +1672,27 @@ def test_run_processes_stops_at_the_deadline_and_starts_nothing_after_it(tmp_pat
 
 
 @slow
+def test_run_processes_passes_a_group_signal_to_each_job_once(tmp_path):
+    """SIGTERM to the whole process group of a comparison (a scheduler's time limit): each job
+    hears it once, from run_processes (a second one would make a run leave without saving),
+    nothing new starts, and run_processes returns rather than dying."""
+    job = ("import signal, sys, time; heard = []; "
+           "signal.signal(signal.SIGTERM, lambda *a: heard.append(1)); print('started', flush=True); "
+           "[time.sleep(0.1) for _ in range(30)]; print('heard', len(heard), flush=True)")
+    script = ("import sys, train; done = train.run_processes([([sys.executable, '-c', sys.argv[1]], sys.argv[2]), "
+              "([sys.executable, '-c', sys.argv[1]], sys.argv[3])], 1); print('returned', done, flush=True)")
+    log = tmp_path / "compare.log"
+    with open(log, "w") as stdout:
+        process = subprocess.Popen([sys.executable, "-c", script, job, str(tmp_path / "a"), str(tmp_path / "b")],
+                                   stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True, cwd=HERE)
+        wait_for_line(tmp_path / "a" / "train.log", "started")
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    assert "heard 1" in (tmp_path / "a" / "train.log").read_text() and not (tmp_path / "b").exists()
+    assert "returned []" in log.read_text()
+
+
+@slow
 def test_fer2013_bench_chooses_on_publictest_and_its_cells_are_what_compare_reads(tmp_path, monkeypatch):
     """bench.py fer2013 on a small copy of the folder release: the SL grid and the pretext grid
     (seed 0, 20 %), each factor chosen by its best validation accuracy, then every cell of the
@@ -1989,6 +2011,38 @@ def test_interrupt_saves_mid_epoch_and_resumes_exactly(tiny_demo, tmp_path):
     straight, resumed = weights_of(tmp_path / "straight" / "last.pt"), weights_of(tmp_path / "cut" / "last.pt")
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+def wait_for_line(path, text, seconds=120):
+    """Poll a log file until it holds `text` (a subprocess run has got that far)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{path} never printed {text!r}")
+
+
+@slow
+def test_sigterm_to_the_whole_process_group_saves_with_loader_workers(tiny_demo, tmp_path):
+    """What a scheduler's time limit or Ctrl-C in the shell does: the signal reaches the loader
+    workers too. They leave it to the training process, which saves last.pt inside the epoch
+    and exits 0, and --resume goes on from there."""
+    out, log = tmp_path / "run", tmp_path / "train.log"
+    flags = ["--dataset", "demo", "--data-root", tiny_demo, "--out", str(out), *TINY, "--workers", "1",
+             "--epochs", "200", "--no-eval"]
+    with open(log, "w") as stdout:
+        process = subprocess.Popen([sys.executable, "train.py", *flags], stdout=stdout,
+                                   stderr=subprocess.STDOUT, start_new_session=True, cwd=HERE)
+        wait_for_line(log, "epoch 2/200 step")
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, log.read_text()
+    assert "saving and stopping" in log.read_text() and "Error" not in log.read_text()
+    saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] >= 1 and saved["step"] > 4
+    train.main(["--resume", str(out / "last.pt"), "--epochs", str(saved["epoch"] + 1), "--workers", "0",
+                "--no-eval"])  # the epoch it stopped in, finished: 4 steps an epoch
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["step"] == 4 * (saved["epoch"] + 1)
 
 
 def test_run_writes_checkpoints_config_metrics_and_evaluates(tiny_demo, tmp_path, capsys):

@@ -1150,20 +1150,30 @@ def compare_report(runs, folders, out, flags, dataset):
 
 def run_processes(jobs, at_once, deadline=None):
     """Run (command, folder) jobs, `at_once` at a time, each with its output appended to
-    folder/train.log. At `deadline` (time.time()), the running ones are sent SIGTERM (each saves
-    last.pt and stops; the same command resumes it) and no new one starts; so does Ctrl-C.
-    Returns the folders whose run finished (status 0 and a final test in its metrics)."""
+    folder/train.log. At `deadline` (time.time()), or on Ctrl-C / SIGTERM to this process, the
+    running ones are sent SIGTERM once (each saves last.pt and stops; the same command resumes
+    it) and no new one starts. Each job runs in its own session: a signal to the whole process
+    group (the shell's Ctrl-C, a scheduler's time limit) reaches a job once, from here, since a
+    second one makes a run leave without saving. Returns the folders whose run finished
+    (status 0 and a final test in its metrics)."""
     import subprocess
+    signalled = []
+    previous_handlers = {s: signal.signal(s, lambda signum, frame: signalled.append(signum))
+                         for s in (signal.SIGINT, signal.SIGTERM)}
     waiting, running, done = list(jobs), [], []
     try:
         while waiting or running:
-            while waiting and len(running) < at_once and (deadline is None or time.time() < deadline):
+            stopping = bool(signalled) or (deadline is not None and time.time() >= deadline)
+            while waiting and len(running) < at_once and not stopping:
                 command, folder = waiting.pop(0)
                 os.makedirs(folder, exist_ok=True)
                 log = open(os.path.join(folder, "train.log"), "a")
-                running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), folder, log))
-            if deadline is not None and time.time() >= deadline and waiting is not None:
-                waiting = None  # once: a second signal would make a run leave without saving
+                running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                 start_new_session=True), folder, log))
+            if stopping and waiting is not None:
+                waiting = None  # once
+                print("stopping: the running runs save and stop; rerun the same command to go on",
+                      flush=True)
                 for process, _, _ in running:
                     process.send_signal(signal.SIGTERM)
             for entry in list(running):
@@ -1178,12 +1188,9 @@ def run_processes(jobs, at_once, deadline=None):
                                            f"ended with status {process.returncode} (see its train.log)"),
                           flush=True)
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        for process, _, _ in running:
-            process.send_signal(signal.SIGTERM)
-        for process, _, _ in running:
-            process.wait()
-        raise
+    finally:
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
     return done
 
 
