@@ -2329,6 +2329,7 @@ def test_compare_runs_every_cell_reports_and_continues_where_it_stopped(tiny_dem
     again = train.compare(flags)
     assert again["table"] == summary["table"]
     assert train.compare([*flags, "--minutes", "0"])["table"] == summary["table"]  # a report only
+    assert "--minutes" not in json.loads((tmp_path / "compare.json").read_text())["flags"]  # not a run's flag
     assert all(r["seconds"] is None for r in again["runs"]) and "finished earlier" in capsys.readouterr().out
     # a folder trained with other settings is never mixed into the table
     with pytest.raises(train.RunError, match=r"none-100pct-seed0 was trained with lr=.*now 0.5"):

@@ -1037,12 +1037,13 @@ def compare(argv):
 
     args = parse_args(argv)
     given = list(argv if argv is not None else sys.argv[1:])
-    flags = []  # the flags every run gets: all but --compare and --out (the comparison's folder)
+    flags = []  # the flags every run gets: all but the comparison's own (--compare, --out, ...)
+    own = ("--out", "--jobs", "--minutes")
     while given:
         flag = given.pop(0)
-        if flag == "--out":
+        if flag in own:
             given.pop(0)
-        elif flag != "--compare" and not flag.startswith("--out="):
+        elif flag != "--compare" and not flag.startswith(tuple(f + "=" for f in own)):
             flags.append(flag)
     for fixed in ("--ssl", "--seed", "--train-fraction", "--resume", "--recipe"):
         if any(a == fixed or a.startswith(fixed + "=") for a in flags):
