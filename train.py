@@ -16,6 +16,7 @@ After training, the best model is evaluated on the split the paper reports (eval
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -432,6 +433,17 @@ class StopFlag:
         self.requested = True
 
 
+@contextlib.contextmanager
+def stop_signals_call(handler):
+    """Inside the block, SIGINT and SIGTERM call `handler`; the previous handlers come back after it."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, previous_handler in previous.items():
+            signal.signal(s, previous_handler)
+
+
 def format_duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
@@ -723,12 +735,8 @@ def main(argv=None, on_step=None):
               prepared.sampler, prepared.steps_per_epoch, prepared.val_split,
               prepared.num_classes, rank, log, on_step)
     stop = StopFlag()
-    previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_signals_call(stop):
         finished = run_epochs(run, progress, stop)
-    finally:
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
     if finished and rank == 0 and not args.no_eval and config["task_weight"] > 0:
         final_evaluation(run, device)
     if world > 1:
@@ -1033,8 +1041,6 @@ def compare(argv):
     report the held-out test accuracy as mean +- std per cell. Each run's output goes to its own
     folder (train.log, checkpoints, curves); a finished run is read back instead of retrained,
     and an interrupted one is resumed, so rerunning the command continues where it stopped."""
-    import contextlib
-
     args = parse_args(argv)
     given = list(argv if argv is not None else sys.argv[1:])
     flags = []  # the flags every run gets: all but the comparison's own (--compare, --out, ...)
@@ -1159,10 +1165,8 @@ def run_processes(jobs, at_once, deadline=None):
     (status 0 and a final test in its metrics)."""
     import subprocess
     signalled = []
-    previous_handlers = {s: signal.signal(s, lambda signum, frame: signalled.append(signum))
-                         for s in (signal.SIGINT, signal.SIGTERM)}
     waiting, running, done = list(jobs), [], []
-    try:
+    with stop_signals_call(lambda signum, frame: signalled.append(signum)):
         while waiting or running:
             stopping = bool(signalled) or (deadline is not None and time.time() >= deadline)
             while waiting and len(running) < at_once and not stopping:
@@ -1189,9 +1193,6 @@ def run_processes(jobs, at_once, deadline=None):
                                            f"ended with status {process.returncode} (see its train.log)"),
                           flush=True)
             time.sleep(0.5)
-    finally:
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
     return done
 
 
