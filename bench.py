@@ -29,6 +29,12 @@ Parts (`python bench.py models hmtl`; default: models hmtl data predict):
            a few minutes.
   reader   --dataset affwild2_mtl at s-Aff-Wild2's 169,209 rows, against the bare CSV parse
            of the same files (not in the default parts).
+  cpu      the FER2013 recipes' training step (train.train_step, 64 px, batch 64) on the CPU:
+           the default against channels_last off, bf16 autocast, torch.compile; then the
+           batch size in faces/s; --profile adds the operators that take the time.
+  cpu-jobs the same step as one run on all cores against one run per core at once (what
+           train.py --compare --jobs N does), and against that oversubscribed (every run on
+           all threads), in faces/s of the whole machine.
 
 Memory: "activation MiB" is what autograd keeps for backward during one forward pass (the
 dominant, batch-proportional term, measured exactly on any device); "peak MiB" is
@@ -461,6 +467,151 @@ def bench_e2e(args, device, autocast):
     return rows
 
 
+def cpu_trainer(variant, batch, size, channels_last=True, dtype=None, compiled=False):
+    """train.py's Trainer for the FER2013 20 % recipe of `variant` (sl, puzzle, inpaint) at
+    `size` px, built as train.build_model builds it (seed 0), without a data set."""
+    import data
+    import eval as evaluation
+    import hmtl
+    import ssl_tasks
+    import tasks
+    import train
+    config = {**train.recipe(f"fer2013-20pct-{variant}"), "image_size": size, "batch_size": batch}
+    torch.manual_seed(0)
+    layout = ssl_tasks.five_point_layout(data.FER2013_FIVE_POINTS)
+    model = hmtl.build(config, data.FER2013_CLASSES, region_layout=layout)
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory).train()
+    if compiled:
+        model.encoder.features.compile()  # what train.py --compile does
+    optimizer = train.make_optimizer(model, config, torch.device("cpu"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_cosine(90, 1800))
+    return train.Trainer(model, train.JointLoss(model), optimizer, scheduler, None, dtype,
+                         config["augment"], torch.Generator().manual_seed(0), memory,
+                         torch.device("cpu"), tasks.TASKS[config["task"]])
+
+
+def face_batch(batch, size, classes=7):
+    """A batch as the prepared cache delivers it: uint8 faces, no landmarks (FER2013's)."""
+    generator = torch.Generator().manual_seed(0)
+    return {"image": torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator),
+            "landmarks": torch.zeros(batch, 68, 2), "has_landmarks": torch.zeros(batch, dtype=torch.bool),
+            "target": torch.randint(0, classes, (batch,), generator=generator)}
+
+
+def cpu_step(trainer, batch):
+    import train
+    sums = train.IntervalSums(trainer.device)
+    return lambda: train.train_step(trainer, batch, sums)
+
+
+def bench_cpu(args, device, autocast):
+    """The FER2013 recipes' training step on the CPU, as train.py runs it (train.train_step:
+    weak augmentation of the uint8 batch, the joint loss, backward, fused AdamW), SL and
+    in-painting, 64 px, batch 64 unless --size/--batch say otherwise: today's default (float32,
+    channels_last, eager) against each setting that could make it faster, interleaved in one
+    process at this process's thread count; then the batch size, in faces per second."""
+    if device.type != "cpu":
+        import data
+        raise data.UserError("bench.py cpu measures the CPU step: run it without --device cuda")
+    size, batch = args.size, args.batch
+    contenders = {"default (float32, channels_last, eager)": {},
+                  "contiguous (NCHW)": dict(channels_last=False),
+                  "bf16 autocast": dict(dtype=torch.bfloat16)}
+    if args.compile:  # minutes of C++ compilation per model on 2 cores
+        contenders.update({"torch.compile (inductor)": dict(compiled=True),
+                           "torch.compile + bf16": dict(compiled=True, dtype=torch.bfloat16)})
+    rows = []
+    for variant in args.variants:
+        faces = face_batch(batch, size)
+        steps = {name: cpu_step(cpu_trainer(variant, batch, size, **settings), faces)
+                 for name, settings in contenders.items()}
+        compile_s = {}
+        for name, step in steps.items():  # the first two steps: compilation, warm-up
+            began = time.perf_counter()
+            step()
+            compile_s[name] = time.perf_counter() - began
+        times = race(steps, device, args.steps, args.rounds)
+        default = next(iter(contenders))
+        for name in contenders:
+            rows.append(dict(part="cpu", arch=f"{variant}", model=name,
+                             images_per_s=batch / statistics.median(times[name]),
+                             first_step_s=compile_s[name],
+                             **paired_ratio(times[default], times[name], "vs_default"), peak_mib=None))
+    for variant in args.variants:  # the batch size: faces per second at the default settings
+        steps = {f"batch {b}": cpu_step(cpu_trainer(variant, b, size), face_batch(b, size))
+                 for b in args.batches}
+        times = race({k: v for k, v in steps.items()}, device, args.steps, args.rounds)
+        per_face = {k: statistics.median(t) / int(k.split()[1]) for k, t in times.items()}
+        reference = f"batch {batch}"
+        for name in steps:
+            ratios = sorted((r / int(reference.split()[1])) / (t / int(name.split()[1]))
+                            for r, t in zip(times[reference], times[name]))
+            rows.append(dict(part="cpu", arch=variant, model=name, images_per_s=1 / per_face[name],
+                             ratio_vs_default=statistics.median(ratios), ratio_vs_default_min=ratios[0],
+                             ratio_vs_default_max=ratios[-1], peak_mib=None))
+    return rows
+
+
+def steady_rate(variant, batch, size, threads, steps, settings="{}"):
+    """Faces per second of `steps` default steps after two warm-up steps, on `threads`
+    threads (run in a process of its own by bench_cpu_jobs); printed as one JSON line."""
+    torch.set_num_threads(threads)
+    step = cpu_step(cpu_trainer(variant, batch, size, **json.loads(settings)), face_batch(batch, size))
+    step(), step()
+    began = time.perf_counter()
+    for _ in range(steps):
+        step()
+    print(json.dumps({"images_per_s": batch * steps / (time.perf_counter() - began)}), flush=True)
+
+
+def bench_cpu_jobs(args, device, autocast):
+    """Ways to use the machine's cores for several runs: one run at a time on all threads; one
+    run per core at once on one thread each (what train.py --compare --jobs N gives each job);
+    one run per core at once on all threads each (oversubscribed: torch's default in every
+    process). Each round starts fresh processes of each kind in turn; the rate is all the faces
+    the processes train per second."""
+    import subprocess
+    cores = os.cpu_count() or 1
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def rate(jobs, threads, variant):
+        code = (f"import bench; bench.steady_rate({variant!r}, {args.batch}, {args.size}, {threads}, "
+                f"{args.steps})")
+        environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # what train.run_processes sets
+        processes = [subprocess.Popen([sys.executable, "-c", code], cwd=here, env=environment,
+                                      stdout=subprocess.PIPE, text=True) for _ in range(jobs)]
+        return sum(json.loads(p.communicate()[0].splitlines()[-1])["images_per_s"] for p in processes)
+
+    rows = []
+    for variant in args.variants:
+        kinds = {f"1 run x {cores} threads": (1, cores), f"{cores} runs x 1 thread": (cores, 1),
+                 f"{cores} runs x {cores} threads (oversubscribed)": (cores, cores)}
+        rates = {name: [] for name in kinds}
+        for _ in range(args.rounds):
+            for name, (jobs, threads) in kinds.items():
+                rates[name].append(rate(jobs, threads, variant))
+        first = next(iter(kinds))
+        for name in kinds:
+            ratios = sorted(t / r for r, t in zip(rates[first], rates[name]))
+            rows.append(dict(part="cpu-jobs", arch=variant, model=name,
+                             images_per_s=statistics.median(rates[name]),
+                             ratio_vs_default=statistics.median(ratios), ratio_vs_default_min=ratios[0],
+                             ratio_vs_default_max=ratios[-1], peak_mib=None))
+    return rows
+
+
+def profile_cpu_step(args, variant="sl", top=15):
+    """torch.profiler over 3 default steps: the operators that take the CPU's time."""
+    from torch.profiler import ProfilerActivity, profile
+    step = cpu_step(cpu_trainer(variant, args.batch, args.size), face_batch(args.batch, args.size))
+    step(), step()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(3):
+            step()
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
 def smoke():
     """python bench.py smoke, on a CUDA machine: what CI (no GPU) cannot check, in a few
     minutes. First the tests that need CUDA (test_hmtl.py -k gpu_: bf16 and fp16 steps, a
@@ -472,7 +623,8 @@ def smoke():
     import subprocess
     import sys
     if not torch.cuda.is_available():
-        raise SystemExit("error: bench.py smoke needs a CUDA GPU")
+        import data
+        raise data.UserError("bench.py smoke needs a CUDA GPU")
     here = os.path.dirname(os.path.abspath(__file__))
     tests = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", "test_hmtl.py", "-k", "gpu_"],
                             cwd=here)
@@ -522,8 +674,7 @@ def best_validation(folder):
     return max(scores) if scores else None
 
 
-def fer2013(argv=None):
-    import train
+def fer2013_arguments(argv):
     parser = argparse.ArgumentParser(description="FER2013: choose the recipes on PublicTest, then "
                                                  "run the comparison (SL, puzzle, in-painting)")
     parser.add_argument("--data-root", required=True)
@@ -540,62 +691,95 @@ def fer2013(argv=None):
                         choices=["sl", "ssl", "compare"],
                         help="stop after the SL grid (sl), the pretext grid (ssl) or the comparison; "
                              "a later phase reads the finished runs of the earlier ones")
-    args = parser.parse_args(argv)
-    last_phase = ["sl", "ssl", "compare"].index(args.phases[-1])
-    deadline = time.time() + args.minutes * 60 if args.minutes else None
-    here = os.path.dirname(os.path.abspath(__file__))
-    command = [sys.executable, os.path.join(here, "train.py")]
+    return parser.parse_args(argv)
+
+
+def fer2013(argv=None):
+    """The three phases, each reading the finished runs of the one before: the SL grid, the
+    pretext grid, the comparison."""
     import data
-    faces = data.load("fer2013", args.data_root, cache_root=args.cache_dir)
+    args = fer2013_arguments(argv)
+    last_phase = ["sl", "ssl", "compare"].index(args.phases[-1])
+    args.deadline = time.time() + args.minutes * 60 if args.minutes else None
+    args.faces = data.load("fer2013", args.data_root, cache_root=args.cache_dir)
     os.makedirs(args.out, exist_ok=True)
+    summary = fer2013_sl_grid(args)
+    if last_phase >= 1:
+        summary.update(fer2013_ssl_grid(args, summary["chosen"]))
+    if last_phase >= 2:
+        summary = fer2013_comparison(args, summary)
+    return summary
 
-    def run(named):  # {name: flags}: train them, `jobs` at a time; {name: folder}
-        jobs = [(command + flags, flags[flags.index("--out") + 1]) for flags in named.values()]
-        jobs = [job for job in jobs if train.final_test(job[1]) is None]
-        if deadline is not None and time.time() >= deadline:
-            jobs = []
-        for size in sorted({int(command[command.index("--image-size") + 1]) for command, _ in jobs}):
-            began = time.perf_counter()  # once, before the runs that would each build it
-            data.prepare(faces, args.data_root, size, progress=lambda line: None)
-            print(f"the {size} px cache: {time.perf_counter() - began:.1f} s", flush=True)
-        began = time.perf_counter()
-        train.run_processes(jobs, args.jobs, deadline)
-        print(f"{len(jobs)} runs in {time.perf_counter() - began:.0f} s", flush=True)
-        return {name: flags[flags.index("--out") + 1] for name, flags in named.items()}
 
+def fer2013_train(args, named):
+    """Train the runs {name: train.py flags} not finished yet, `args.jobs` at a time, each its
+    own train.py process (until the deadline); {name: its folder}."""
+    import data
+    import train
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")]
+    jobs = [(command + flags, flags[flags.index("--out") + 1]) for flags in named.values()]
+    jobs = [job for job in jobs if train.final_test(job[1]) is None]
+    if args.deadline is not None and time.time() >= args.deadline:
+        jobs = []
+    for size in sorted({int(command[command.index("--image-size") + 1]) for command, _ in jobs}):
+        began = time.perf_counter()  # once, before the runs that would each build it
+        data.prepare(args.faces, args.data_root, size, progress=lambda line: None)
+        print(f"the {size} px cache: {time.perf_counter() - began:.1f} s", flush=True)
+    began = time.perf_counter()
+    train.run_processes(jobs, args.jobs, args.deadline)
+    print(f"{len(jobs)} runs in {time.perf_counter() - began:.0f} s", flush=True)
+    return {name: flags[flags.index("--out") + 1] for name, flags in named.items()}
+
+
+def fer2013_sl_runs():
+    return {"base": FER2013_BASE, **{f"{k}={v}": {**FER2013_BASE, k: v} for k, v in FER2013_SL_GRID}}
+
+
+def fer2013_sl_grid(args):
+    """SL at 20 %, one factor at a time around the base; each factor at its best level on
+    PublicTest, the base's if none beats it."""
     grid = os.path.join(args.out, "grid")
-    sl_runs = {"base": FER2013_BASE, **{f"{k}={v}": {**FER2013_BASE, k: v} for k, v in FER2013_SL_GRID}}
-    folders = run({name: fer2013_flags(args.data_root, s, args.epochs_20pct, 0.2, "none", 0,
-                                       os.path.join(grid, f"sl-{name}"), args.cache_dir, args.workers)
-                   for name, s in sl_runs.items()})
+    folders = fer2013_train(args, {
+        name: fer2013_flags(args.data_root, s, args.epochs_20pct, 0.2, "none", 0,
+                            os.path.join(grid, f"sl-{name}"), args.cache_dir, args.workers)
+        for name, s in fer2013_sl_runs().items()})
     scores = {name: best_validation(folder) for name, folder in folders.items()}
     chosen = dict(FER2013_BASE)
-    for key in dict(FER2013_SL_GRID):  # each factor at its best level, the base's if none beats it
+    for key in dict(FER2013_SL_GRID):
         levels = [("base", FER2013_BASE[key])] + [(f"{k}={v}", v) for k, v in FER2013_SL_GRID if k == key]
         best = max(levels, key=lambda level: scores[level[0]] if scores[level[0]] is not None else -1)
         chosen[key] = best[1]
     print(json.dumps({"sl_grid": scores, "chosen": chosen}), flush=True)
-    if last_phase == 0:
-        return {"sl_grid": scores, "chosen": chosen}
+    return {"sl_grid": scores, "chosen": chosen}
 
+
+def fer2013_ssl_grid(args, chosen):
+    """λ × view for both pretext tasks on the chosen SL settings; each task's best on PublicTest."""
+    grid = os.path.join(args.out, "grid")
     ssl_names = {f"{ssl}-lambda{g['lambda_ssl']}-{g['view']}": (ssl, g)
                  for ssl in ("puzzle", "inpaint") for g in FER2013_SSL_GRID}
-    folders = run({name: fer2013_flags(args.data_root, {**chosen, **g}, args.epochs_20pct, 0.2, ssl, 0,
-                                       os.path.join(grid, name), args.cache_dir, args.workers)
-                   for name, (ssl, g) in ssl_names.items()})
+    folders = fer2013_train(args, {
+        name: fer2013_flags(args.data_root, {**chosen, **g}, args.epochs_20pct, 0.2, ssl, 0,
+                            os.path.join(grid, name), args.cache_dir, args.workers)
+        for name, (ssl, g) in ssl_names.items()})
     ssl_scores = {name: best_validation(folder) for name, folder in folders.items()}
     pretext = {}
     for ssl in ("puzzle", "inpaint"):
         mine = {name: s for name, s in ssl_scores.items() if name.startswith(ssl) and s is not None}
         pretext[ssl] = ssl_names[max(mine, key=mine.get)][1] if mine else FER2013_SSL_GRID[0]
     print(json.dumps({"ssl_grid": ssl_scores, "pretext": pretext}), flush=True)
-    if last_phase == 1:
-        return {"sl_grid": scores, "chosen": chosen, "ssl_grid": ssl_scores, "pretext": pretext}
+    return {"ssl_grid": ssl_scores, "pretext": pretext}
 
-    compare = os.path.join(args.out, "compare")
+
+def fer2013_comparison(args, chosen_so_far):
+    """The comparison's cells (20 % over train.COMPARE_SEEDS, full over --full-seeds), with the
+    chosen settings, where `train.py --compare` looks for them; fer2013.json."""
+    import train
+    chosen, pretext = chosen_so_far["chosen"], chosen_so_far["pretext"]
+    grid, compare = os.path.join(args.out, "grid"), os.path.join(args.out, "compare")
     # the grid's seed-0 runs at 20 % of the chosen settings are those cells already: copied, not
     # trained again (train.py --compare accepts a run by its settings)
-    grid_runs = {"none": next((os.path.join(grid, f"sl-{name}") for name, s in sl_runs.items()
+    grid_runs = {"none": next((os.path.join(grid, f"sl-{name}") for name, s in fer2013_sl_runs().items()
                                if fer2013_settings(s) == fer2013_settings(chosen)), None),
                  **{ssl: os.path.join(grid, f"{ssl}-lambda{g['lambda_ssl']}-{g['view']}") for ssl, g in pretext.items()}}
     for ssl, source in grid_runs.items():
@@ -612,10 +796,9 @@ def fer2013(argv=None):
                 cells[folder] = fer2013_flags(args.data_root, {**chosen, **pretext.get(ssl, {})},
                                               epochs, fraction, ssl, seed, folder, args.cache_dir,
                                               args.workers)
-    run(cells)
+    fer2013_train(args, cells)
     results = {os.path.basename(folder): train.final_test(folder) for folder in cells}
-    summary = {"torch": torch.__version__, "device": describe_device(), "sl_grid": scores,
-               "chosen": chosen, "ssl_grid": ssl_scores, "pretext": pretext,
+    summary = {"torch": torch.__version__, "device": describe_device(), **chosen_so_far,
                "epochs": {"20pct": args.epochs_20pct, "full": args.epochs_full},
                "test": {name: r and {"accuracy": r["accuracy"], "macro_f1": r.get("macro_f1")}
                         for name, r in results.items()}}
@@ -665,6 +848,8 @@ def print_table(rows, baseline):
                   f"{r['affectnet_epoch_min']:.1f} min)")
         if "seconds" in r:
             print(f"      ({r['seconds']:.2f} s in all)")
+        if "first_step_s" in r:
+            print(f"      (first step {r['first_step_s']:.1f} s: compilation and warm-up)")
         if "share_of_step" in r:
             print(f"      (strong augmentation takes {100 * r['share_of_step']:.1f} % of a "
                   f"training step's time)")
@@ -696,6 +881,13 @@ def main(argv=None):
                         help="channels_last memory format (default: on for CUDA, off for CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--variants", nargs="+", default=["sl", "inpaint"],
+                        choices=["sl", "puzzle", "inpaint"], help="cpu parts: the FER2013 recipes timed")
+    parser.add_argument("--batches", nargs="+", type=int, default=[32, 64, 128, 256],
+                        help="cpu part: the batch sizes compared")
+    parser.add_argument("--profile", action="store_true",
+                        help="cpu part: also print torch.profiler's operator table of the default step")
     if (argv if argv is not None else sys.argv[1:])[:1] == ["fer2013"]:
         return fer2013((argv if argv is not None else sys.argv[1:])[1:])
     args = parser.parse_args(argv)
@@ -704,8 +896,11 @@ def main(argv=None):
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    args.size = args.size or (224 if on_gpu else 112)
-    args.batch = args.batch or (128 if on_gpu else 16)
+    cpu_parts = {"cpu", "cpu-jobs"} & set(args.parts)  # FER2013's recipe: 64 px, batch 64
+    args.size = args.size or (224 if on_gpu else 64 if cpu_parts else 112)
+    args.batch = args.batch or (128 if on_gpu else 64 if cpu_parts else 16)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.amp = on_gpu if args.amp is None else args.amp
     args.channels_last = on_gpu if args.channels_last is None else args.channels_last
 
@@ -723,6 +918,9 @@ def main(argv=None):
         if not args.json:
             print(f"\n[{part}]")
             print_table(part_rows, baseline)
+    if args.profile:
+        for variant in args.variants:
+            print(f"\n[profile: {variant}, the default step]\n{profile_cpu_step(args, variant)}")
     if args.json:
         print(json.dumps(dict(setting=setting, rows=rows), indent=1))
     return rows
@@ -730,10 +928,15 @@ def main(argv=None):
 
 # part name -> (function, the contender the ratios are relative to)
 PARTS = {"models": (bench_models, "torchvision"), "hmtl": (bench_hmtl, "sl"),
+         "cpu": (bench_cpu, "default"), "cpu-jobs": (bench_cpu_jobs, "default"),
          "data": (bench_data, "step"), "e2e": (bench_e2e, "sl"),
          "fingerprint": (bench_fingerprint, "exists"), "reader": (bench_reader, "parse"),
          "predict": (bench_predict, "forward")}
 
 
 if __name__ == "__main__":
-    main()
+    import data
+    try:
+        main()
+    except data.UserError as err:  # what was asked cannot be done: one line, no traceback
+        sys.exit(f"error: {err}")

@@ -25,6 +25,7 @@ and `python eval.py show` draws both on real faces.
 """
 
 import argparse
+import atexit
 import csv
 import difflib
 import functools
@@ -32,11 +33,13 @@ import glob
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -1200,7 +1203,21 @@ DEMO_CANVAS = 128
 
 def demo_face(rng, expression):
     """Draw one synthetic face. Returns (PIL image, face box (x, y, w, h), (68, 2) landmarks,
-    valence, arousal)."""
+    valence, arousal, action units)."""
+    face = demo_face_shape(rng, expression)
+    image = photograph_demo_face(rng, draw_demo_face(rng, face))
+    x0, y0 = face.outline.min(0)
+    x1, y1 = face.outline.max(0)
+    valence, arousal = np.clip(np.array(DEMO_EXPRESSIONS[expression][8:]) * rng.uniform(0.6, 1.2)
+                               + rng.normal(0, 0.08, 2), -1, 1)
+    action_units = demo_action_units(*face.movement)
+    return image, (x0, y0, x1 - x0, y1 - y0), face.landmarks, float(valence), float(arousal), action_units
+
+
+def demo_face_shape(rng, expression):
+    """Where one face's parts are: its expression's movement (DEMO_EXPRESSIONS, varied in
+    strength and jittered), a placement on the canvas (size, position, roll, a hint of yaw),
+    and the 68 landmarks in iBUG order that the drawing follows."""
     neutral = np.array(DEMO_EXPRESSIONS[0][:8])
     delta = (np.array(DEMO_EXPRESSIONS[expression][:8]) - neutral) * rng.uniform(0.6, 1.2)
     delta += rng.normal(0, 1, 8) * np.array([0.015, 0.015, 0.08, 0.02, 0.02, 0.05, 0.015, 0.1])
@@ -1220,7 +1237,6 @@ def demo_face(rng, expression):
                           np.asarray(v) * face_h / 2], -1)
         return local @ rotation.T + centre
 
-    # the 68 points, iBUG order
     t = np.radians(np.linspace(170, 370, 17))  # ear to ear through the chin (v points down)
     jaw = to_image(np.cos(t) * 0.98, -np.sin(t) * 0.98)
     brows = []
@@ -1236,6 +1252,19 @@ def demo_face(rng, expression):
         ring = np.radians([180, 120, 60, 0, -60, -120])
         openness = 0.07 * eye_open
         eyes.append(to_image(centre_u + 0.14 * np.cos(ring), -0.12 - openness * np.sin(ring)))
+    outer, inner_top, inner_bottom = demo_mouth(to_image, curve, side, mouth_open, width)
+    t = np.linspace(0, 2 * np.pi, 48)
+    return types.SimpleNamespace(
+        to_image=to_image, face_w=face_w, outline=to_image(np.cos(t), np.sin(t)),
+        brows=brows, nose=nose, eyes=eyes, outer=outer, inner_top=inner_top, inner_bottom=inner_bottom,
+        landmarks=np.concatenate([jaw, *brows, nose, *eyes, outer, inner_top, inner_bottom]),
+        wrinkle=wrinkle, mouth_open=mouth_open,
+        movement=(brow_raise, slant, eye_open, curve, mouth_open, width, wrinkle))
+
+
+def demo_mouth(to_image, curve, side, mouth_open, width):
+    """The mouth's 12 outer and 8 inner landmarks: its corners lifted by `curve` (a smile) and
+    `side` (one corner, contempt), its lower lip dropped by `mouth_open`."""
     half = 0.28 * width
     mouth_u = np.linspace(-half, half, 7)
     rise = curve * (mouth_u / half) ** 2 + side * (mouth_u / half + 1) / 2
@@ -1249,9 +1278,12 @@ def demo_face(rng, expression):
     inner_top = to_image(inner_u, 0.5 - inner_rise + 0.01)
     inner_bottom = to_image(inner_u[::-1][1:-1], 0.5 - inner_rise[::-1][1:-1] + 0.02 +
                             mouth_open * 0.8 * np.cos(np.pi * inner_u[::-1][1:-1] / half / 2))
-    landmarks = np.concatenate([jaw, *brows, nose, *eyes, outer, inner_top, inner_bottom])
+    return outer, inner_top, inner_bottom
 
-    # draw
+
+def draw_demo_face(rng, face):
+    """The face of `demo_face_shape` drawn on a cluttered background: skin, hair, brows, eyes
+    with pupils, nose, lips (open or closed), the wrinkled nose of disgust."""
     skin = np.array(rng.choice([[236, 200, 170], [210, 160, 120], [160, 110, 80], [110, 75, 55],
                                 [250, 220, 200]])) * rng.uniform(0.85, 1.1)
     background = rng.uniform(20, 235, 3)
@@ -1262,49 +1294,46 @@ def demo_face(rng, expression):
         r = rng.uniform(5, 30)
         draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.uniform(0, 255, 3)))
     t = np.linspace(0, 2 * np.pi, 48)
-    outline = to_image(np.cos(t), np.sin(t))
     hair = tuple(int(c) for c in rng.uniform(10, 120, 3))
-    draw.polygon([tuple(p) for p in to_image(np.cos(t) * 1.08, np.sin(t) * 1.06 - 0.08)], fill=hair)
-    draw.polygon([tuple(p) for p in outline], fill=tuple(int(c) for c in skin))
+    draw.polygon([tuple(p) for p in face.to_image(np.cos(t) * 1.08, np.sin(t) * 1.06 - 0.08)], fill=hair)
+    draw.polygon([tuple(p) for p in face.outline], fill=tuple(int(c) for c in skin))
     feature = tuple(int(c) for c in skin * rng.uniform(0.25, 0.45))
-    stroke = max(1, int(round(face_w / 28)))
-    for brow in brows:
+    stroke = max(1, int(round(face.face_w / 28)))
+    for brow in face.brows:
         draw.line([tuple(p) for p in brow], fill=hair, width=stroke + 1)
-    for eye in eyes:
+    for eye in face.eyes:
         draw.polygon([tuple(p) for p in eye], fill=(245, 245, 240), outline=feature)
         pupil = eye.mean(0)
-        r = min(face_w * 0.035, max(1.0, np.ptp(eye[:, 1]) / 2))
+        r = min(face.face_w * 0.035, max(1.0, np.ptp(eye[:, 1]) / 2))
         draw.ellipse([pupil[0] - r, pupil[1] - r, pupil[0] + r, pupil[1] + r], fill=(30, 25, 20))
-    draw.line([tuple(p) for p in nose[:4]], fill=feature, width=1)
-    draw.line([tuple(p) for p in nose[4:]], fill=feature, width=stroke)
-    if wrinkle > 0.5:
+    draw.line([tuple(p) for p in face.nose[:4]], fill=feature, width=1)
+    draw.line([tuple(p) for p in face.nose[4:]], fill=feature, width=stroke)
+    if face.wrinkle > 0.5:
         for k in (-1, 1):
-            a, b = to_image(k * 0.05, -0.02), to_image(k * 0.16, 0.06)
+            a, b = face.to_image(k * 0.05, -0.02), face.to_image(k * 0.16, 0.06)
             draw.line([tuple(a), tuple(b)], fill=feature, width=stroke)
     lips = tuple(int(c) for c in np.clip(skin * np.array([0.75, 0.45, 0.45]), 0, 255))
-    draw.polygon([tuple(p) for p in outer], fill=lips)
-    if mouth_open > 0.08:
-        draw.polygon([tuple(p) for p in np.concatenate([inner_top, inner_bottom])], fill=(40, 10, 10))
+    draw.polygon([tuple(p) for p in face.outer], fill=lips)
+    if face.mouth_open > 0.08:
+        draw.polygon([tuple(p) for p in np.concatenate([face.inner_top, face.inner_bottom])], fill=(40, 10, 10))
     else:
-        draw.line([tuple(p) for p in inner_top], fill=feature, width=stroke)
+        draw.line([tuple(p) for p in face.inner_top], fill=feature, width=stroke)
+    return image
 
+
+def photograph_demo_face(rng, image):
+    """What a camera adds to a drawn face: a lighting gradient, exposure, sensor noise, and
+    sometimes an occluder (a hand, a scarf, sunglasses' edge...)."""
     pixels = np.asarray(image, dtype=np.float32)
-    light = rng.uniform(-0.35, 0.35, 2)  # a lighting gradient across the image
+    light = rng.uniform(-0.35, 0.35, 2)
     yy, xx = np.mgrid[0:DEMO_CANVAS, 0:DEMO_CANVAS] / DEMO_CANVAS - 0.5
     pixels *= (1 + light[0] * xx + light[1] * yy)[..., None] * rng.uniform(0.7, 1.2)
     pixels += rng.normal(0, rng.uniform(2, 10), pixels.shape)
-    if rng.random() < 0.25:  # an occluder: a hand, a scarf, sunglasses' edge...
+    if rng.random() < 0.25:
         x, y = rng.uniform(0, DEMO_CANVAS, 2)
         w, h = rng.uniform(8, 28, 2)
         pixels[int(y):int(y + h), int(x):int(x + w)] = rng.uniform(0, 255, 3)
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-    x0, y0 = outline.min(0)
-    x1, y1 = outline.max(0)
-    valence, arousal = np.clip(np.array(DEMO_EXPRESSIONS[expression][8:]) * rng.uniform(0.6, 1.2)
-                               + rng.normal(0, 0.08, 2), -1, 1)
-    action_units = demo_action_units(brow_raise, slant, eye_open, curve, mouth_open, width, wrinkle)
-    return image, (x0, y0, x1 - x0, y1 - y0), landmarks, float(valence), float(arousal), action_units
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def demo_action_units(brow_raise, slant, eye_open, curve, mouth_open, width, wrinkle):
@@ -1855,18 +1884,32 @@ def open_split(data, split, size, data_root, indices=None):
         CachedDataset(directory, split, indices)
 
 
-def leave_stop_signals_to_the_trainer(worker_id):
-    """A loader worker ignores SIGINT and SIGTERM. A signal to the whole process group (Ctrl-C
-    in the shell, a batch scheduler's time limit, `kill -- -PGID`) would otherwise end the
-    workers first, and the training process would die with "DataLoader worker exited" at its
-    next batch instead of saving last.pt. The workers still end with the loader, or when
-    their parent dies (torch's worker watchdog)."""
+def leave_stop_signals_to_the_trainer(exiting, worker_id):
+    """A loader worker ignores SIGINT, and SIGTERM until its parent exits. A signal to the
+    whole process group (Ctrl-C in the shell, a batch scheduler's time limit, `kill -- -PGID`)
+    would otherwise end the workers first, and the training process would die with
+    "DataLoader worker exited" at its next batch instead of saving last.pt. The workers still
+    end with the loader, or when their parent dies (torch's worker watchdog). When the parent
+    exits with a loader still alive (a script or notebook that keeps one), multiprocessing
+    stops the workers with SIGTERM and waits for them: `exiting`, set then (PARENT_EXITING),
+    lets them go."""
+    def end_if_the_parent_exits(signum, frame):
+        if exiting.value:
+            sys.exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, end_if_the_parent_exits)
+
+
+# Shared memory that this process's loader workers inherit; set at exit. atexit runs its
+# functions last registered first, so this runs before multiprocessing's own exit function
+# (registered when torch imported multiprocessing), which sends the SIGTERM.
+PARENT_EXITING = multiprocessing.RawValue("b", 0)
+atexit.register(lambda: setattr(PARENT_EXITING, "value", 1))
 
 
 def make_loader(dataset, batch_size, workers=0, sampler=None, drop_last=False, pin_memory=False):
-    """A DataLoader for either kind of dataset, with the matching collate."""
+    """A DataLoader for either kind of dataset, with the matching collate. Its workers end
+    with the process, whoever still holds the loader or an iterator of it."""
     cached = isinstance(dataset, CachedDataset)
     # its own generator: creating a loader then draws nothing from the global RNG, which
     # dropout uses, so a resumed run replays the same random numbers
@@ -1874,7 +1917,8 @@ def make_loader(dataset, batch_size, workers=0, sampler=None, drop_last=False, p
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
         num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
         collate_fn=identity_collate if cached else collate,
-        worker_init_fn=leave_stop_signals_to_the_trainer, generator=torch.Generator().manual_seed(0))
+        worker_init_fn=functools.partial(leave_stop_signals_to_the_trainer, PARENT_EXITING),
+        generator=torch.Generator().manual_seed(0))
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -2259,6 +2303,30 @@ def print_summary(report):
 
 
 DATA_COMMANDS = ("summary", "prepare", "layout")
+# Every program's subcommands (eval.py's are its COMMANDS; a test keeps the two alike), so that
+# a word given to the wrong program, or to the one a command moved from, says where it is.
+PROGRAM_COMMANDS = {"data.py": DATA_COMMANDS, "train.py": (),
+                    "eval.py": ("score", "blend", "predict", "export", "features", "heads",
+                                "convert-hsemotion", "show")}
+
+
+def check_command(argv, program):
+    """The first word of `program`'s command line, checked before any flag is parsed (a flag
+    meant for another program would otherwise stop argparse first): another program's command
+    names that program, a mistyped one the closest commands. Raises UserError."""
+    if not argv or argv[0].startswith("-") or argv[0] in PROGRAM_COMMANDS[program]:
+        return
+    word, own = argv[0], PROGRAM_COMMANDS[program]
+    owner = next((name for name, commands in PROGRAM_COMMANDS.items() if word in commands), None)
+    if owner:
+        raise UserError(f"{word} is a command of {owner}, not of {program}: python {owner} {' '.join(argv)}")
+    if own and difflib.get_close_matches(word, own, n=1, cutoff=0.5):
+        raise UnknownName("command", word, own)
+    elsewhere = [f"python {name} {command}" for name, commands in PROGRAM_COMMANDS.items()
+                 for command in difflib.get_close_matches(word, commands, n=1, cutoff=0.5)]
+    hint = f"did you mean {' or '.join(elsewhere)}? " if elsewhere else ""
+    what = f"choose from {', '.join(own)}" if own else f"{program} takes flags only (--help lists them)"
+    raise UserError(f"unknown command {word!r}; {hint}{what}")
 
 
 def main(argv=None):
@@ -2275,10 +2343,10 @@ def main(argv=None):
                                             "<data-root>/hmtl_cache, or ~/.cache/hmtl/prepared/)")
     parser.add_argument("--count", type=int, default=1000, help="layout: faces to measure")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
     try:
-        if args.command not in DATA_COMMANDS:
-            raise UnknownName("command", args.command, DATA_COMMANDS)
+        check_command(sys.argv[1:] if argv is None else argv, "data.py")
+        args = parser.parse_args(argv)
+        check_command([args.command], "data.py")  # also when flags came before it
         data = load(args.dataset, args.data_root, args.classes, args.cache_dir)
         if args.command == "summary":
             report = summarize(data, args.verify)

@@ -476,11 +476,12 @@ def convert_hsemotion(path, out, dataset="affectnet", classes=None):
         json.dump(note, f, indent=1)
     # and the same network as an HMTL checkpoint, to score or use as it is (eval.py
     # --checkpoint, eval.predict): the LSD recipe's "pretrained, untrained" model
-    import train  # its DEFAULTS: the configuration this checkpoint says it was made with
-
-    config = {**train.DEFAULTS, "dataset": dataset, "classes": len(wanted), "arch": arch,
-              "tf_variant": tf_variant, "task": note["task"], "image_size": note["image_size"],
-              "init": f"timm:{out}"}
+    # Its configuration: every setting hmtl.build reads, as facts of this network (no pretext
+    # task, no loss settings: it was trained elsewhere), so eval.py needs nothing of train.py.
+    config = dict(dataset=dataset, classes=len(wanted), task=note["task"], head="linear", arch=arch,
+                  tf_variant=tf_variant, image_size=note["image_size"], init=f"timm:{out}",
+                  ssl="none", lambda_ssl=0.0, task_weight=1.0, view="shared", label_smoothing=0.0,
+                  pose_alpha=0.0, mtl_weights=[1.0, 1.0, 1.0], dropout=None, stochastic_depth=None)
     model = hmtl.build(config, wanted)
     models.load_timm_weights(model.encoder, state)
     torch.save({"model": model.state_dict(), "config": config, "num_classes": len(wanted),
@@ -882,8 +883,7 @@ def contact_sheet(faces, path, split="train", size=128, count=12, level="weak", 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
-        raise data.UnknownName("command", argv[0], COMMANDS)
+    data.check_command(argv, "eval.py")
     args = parser().parse_args(argv)
     result = COMMANDS[args.command](args)
     if args.json:

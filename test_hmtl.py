@@ -2045,6 +2045,28 @@ def test_sigterm_to_the_whole_process_group_saves_with_loader_workers(tiny_demo,
     assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["step"] == 4 * (saved["epoch"] + 1)
 
 
+def test_a_script_that_keeps_a_worker_loader_exits(tiny_demo, tmp_path):
+    """A script (or notebook) that still holds a loader with workers when it ends, one loader
+    read to the end and one stopped mid-epoch, exits at once instead of waiting for ever on
+    workers that ignore SIGTERM."""
+    script = tmp_path / "keep.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "import data\n"
+        f"root = {tiny_demo!r}\n"
+        "faces = data.load('demo', root)\n"
+        "data.prepare(faces, root, 32, 0, progress=lambda line: None)\n"
+        "loader = data.make_loader(data.open_split(faces, 'train', 32, root), 8, workers=1)\n"
+        "print(sum(len(batch['image']) for batch in loader), flush=True)\n"
+        "halfway = iter(data.make_loader(data.open_split(faces, 'val', 32, root), 4, workers=1))\n"
+        "print(len(next(halfway)['image']), flush=True)\n")
+    began = time.perf_counter()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["32", "4"], done.stderr
+    assert time.perf_counter() - began < 60  # torch's import and two workers' start; no wait at exit
+
+
 def test_run_writes_checkpoints_config_metrics_and_evaluates(tiny_demo, tmp_path, capsys):
     model = run_train(tiny_demo, tmp_path / "run", "--ssl", "inpaint", "--epochs", "1")
     out = tmp_path / "run"
@@ -2187,7 +2209,7 @@ class HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
     ("--task", "expr_va", "--head", "gcn", "--ssl", "inpaint"), ("--task", "mtl", "--ssl", "inpaint"),
     ("--ssl", "puzzle", "--optimizer", "sgd")], ids=" ".join)
 def test_a_training_step_never_waits_for_the_device(tiny_demo, flags):
-    """Issue 15: 0 host-device synchronisations per steady-state training step, for every task
+    """0 host-device synchronisations per steady-state training step, for every task
     and pretext (fused optimizer, as on CUDA; the loss parts stay on the device until a log
     step reads them)."""
     args = train.parse_args(["--dataset", "demo", "--data-root", tiny_demo, *TINY, *flags])
@@ -2356,19 +2378,34 @@ DEMO_MTL_SEED0 = 2.7586                                                  # P_MTL
 FROZEN_HEADS_SEED0 = {"linear": 2.754, "mlp 256": 2.760}                 # mean of 3 head seeds
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`python train.py --dataset demo --ssl X [flags]` as a user runs it (seed 0), each trained
+    once per session: the tests that read its figures or its encoder share the run."""
+    folders = {}
+
+    def run(ssl, *flags):
+        if (ssl, *flags) not in folders:
+            out = tmp_path_factory.mktemp(f"demo-{ssl}")
+            train.main(["--dataset", "demo", "--ssl", ssl, *flags, "--out", str(out), "--workers", "0",
+                        "--log-interval", "75"])
+            folders[(ssl, *flags)] = out
+        return folders[(ssl, *flags)]
+    return run
+
+
 @pytest.mark.parametrize("ssl", ["none", "puzzle", "inpaint"])
 @slow
-def test_the_demo_reaches_the_figures_the_readme_states(ssl, tmp_path):
+def test_the_demo_reaches_the_figures_the_readme_states(ssl, demo_run):
     """`python train.py --dataset demo --ssl X` exactly as a user runs it (seed 0): best.pt is
     picked on val, and the 800 test faces, which no selection saw, score the recorded seed-0
     figure within 0.01 (8 faces)."""
-    train.main(["--dataset", "demo", "--ssl", ssl, "--out", str(tmp_path), "--workers", "0",
-                "--log-interval", "75"])
-    entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    out = demo_run(ssl)
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     test = next(e for e in entries if e["kind"] == "test")
     assert test["split"] == "test" and test["samples"] == 800
     assert abs(test["accuracy"] - DEMO_SEED0[ssl]) <= 0.01, test
-    assert (tmp_path / "curves.png").exists()
+    assert (out / "curves.png").exists()
 
 
 @slow
@@ -2385,14 +2422,13 @@ def test_the_demo_mtl_run_reaches_the_figure_the_readme_states(tmp_path):
 
 
 @slow
-def test_heads_on_frozen_demo_features_reach_the_figures_the_readme_states(tmp_path):
+def test_heads_on_frozen_demo_features_reach_the_figures_the_readme_states(demo_run, tmp_path):
     """The frozen-feature MTL figures (the README: linear 2.733 +- 0.050, MLP 2.709 +- 0.045 over
-    3 encoders x 3 head seeds): on the seed-0 expression encoder, its features extracted once,
-    each head's mean over its 3 seeds at the recorded seed-0 figure, within 0.03."""
-    train.main(["--dataset", "demo", "--ssl", "none", "--out", str(tmp_path), "--workers", "0",
-                "--log-interval", "75", "--no-eval"])
+    3 encoders x 3 head seeds): on the seed-0 expression encoder (the SL demo run), its features
+    extracted once, each head's mean over its 3 seeds at the recorded seed-0 figure, within 0.03."""
+    best = demo_run("none") / "best.pt"
     for split in ("train", "test"):
-        evaluation.main(["features", "--checkpoint", str(tmp_path / "best.pt"), "--dataset", "demo",
+        evaluation.main(["features", "--checkpoint", str(best), "--dataset", "demo",
                          "--split", split, "--out", str(tmp_path / f"{split}.npz"),
                          "--workers", "0"])
     results = evaluation.heads_on_features(str(tmp_path / "train.npz"), str(tmp_path / "test.npz"),
@@ -2623,6 +2659,7 @@ def test_deterministic_flag_runs(tiny_demo, tmp_path):
 
 def ddp_worker(rank, world, port, demo_root, out):
     import os as _os
+    torch.set_num_threads(1)  # as torchrun sets it: two ranks of two threads on two cores crawl
     _os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     model = train.main(["--dataset", "demo", "--data-root", demo_root, "--out", out, *TINY,
@@ -2632,7 +2669,7 @@ def ddp_worker(rank, world, port, demo_root, out):
 
 @slow
 def test_distributed_data_parallel_on_cpu_with_gloo(tiny_demo, tmp_path):
-    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), tiny_demo, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(ddp_worker, args=(2, free_ports(1)[0], tiny_demo, str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in rank0:  # gradients were averaged: every parameter agrees across processes
         if "running" not in key and "num_batches" not in key:
@@ -2645,55 +2682,70 @@ def test_distributed_data_parallel_on_cpu_with_gloo(tiny_demo, tmp_path):
     assert len(val) == 1 and val[0]["samples"] == 16
 
 
-def ddp_stop_worker(rank, world, port, demo_root, out, stop_step, log_interval, resume):
-    """A 2-process run in which only rank 1 gets the stop signal, at `stop_step`; or, with
-    `resume`, the run resumed to its end. Each rank writes the last step it ran."""
+# (stop_step, log_interval, the step both ranks stop at): a stop at a log step, a later one,
+# and one between log steps that waits for the next (the last of an epoch is one)
+STOP_CASES = [(1, 1, 1), (3, 1, 3), (3, 4, 4)]
+
+
+def ddp_stop_worker(rank, world, ports, demo_root, out):
+    """Each of STOP_CASES in turn, in the same pair of processes (a process group each time): a
+    2-process run in which only rank 1 gets the stop signal, at its stop step, then that run
+    resumed to its end. Each rank writes the steps it ran; rank 0 keeps the stopped run's last.pt."""
     import os as _os
-    _os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    steps = []
+    torch.set_num_threads(1)  # as torchrun sets it: two ranks of two threads on two cores crawl
+    for case, (stop_step, log_interval, _) in enumerate(STOP_CASES):
+        folder = _os.path.join(out, f"case{case}")
+        for phase, port in (("stopped", ports[2 * case]), ("resumed", ports[2 * case + 1])):
+            _os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            steps = []
 
-    def on_step(step, stop):
-        steps.append(step)
-        if rank == 1 and step == stop_step:
-            stop(signal.SIGTERM, None)  # what the handler does when the signal lands
-    flags = ["--resume", _os.path.join(out, "last.pt")] if resume else \
-        ["--dataset", "demo", "--data-root", demo_root, "--out", out, *TINY, "--ssl", "puzzle",
-         "--epochs", "3", "--no-eval", "--device", "cpu", "--log-interval", str(log_interval)]
-    train.main(flags, on_step=on_step)
-    Path(out, f"rank{rank}-steps.json").write_text(json.dumps(steps))
+            def on_step(step, stop):
+                steps.append(step)
+                if rank == 1 and step == stop_step and phase == "stopped":
+                    stop(signal.SIGTERM, None)  # what the handler does when the signal lands
+            flags = ["--resume", _os.path.join(folder, "last.pt"), "--no-eval"] if phase == "resumed" else \
+                ["--dataset", "demo", "--data-root", demo_root, "--out", folder, *TINY, "--ssl", "puzzle",
+                 "--epochs", "3", "--no-eval", "--device", "cpu", "--log-interval", str(log_interval)]
+            train.main(flags, on_step=on_step)
+            Path(folder, f"rank{rank}-{phase}.json").write_text(json.dumps(steps))
+            if rank == 0 and phase == "stopped":
+                shutil.copy(_os.path.join(folder, "last.pt"), _os.path.join(folder, "stopped.pt"))
 
 
-def free_port():
+def free_ports(count):
+    """`count` distinct free ports (each held open until all are found)."""
     import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
-@pytest.mark.parametrize("stop_step, log_interval, stopped_at", [(1, 1, 1), (3, 1, 3), (3, 4, 4)])
 @slow
-def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_demo, tmp_path, stop_step,
-                                                          log_interval, stopped_at):
-    """Issue 15: the ranks agree on stopping at a log step (the last of an epoch is one), so a
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_demo, tmp_path):
+    """The ranks agree on stopping at a log step (the last of an epoch is one), so a
     signal to one rank alone stops both at the same step, last.pt saved once; then the run
-    resumes on both, each rank with its own random states."""
-    out = str(tmp_path / "run")
+    resumes on both, each rank with its own random states. Every case in one pair of processes."""
     torch.multiprocessing.spawn(ddp_stop_worker, nprocs=2, args=(
-        2, free_port(), tiny_demo, out, stop_step, log_interval, False))
-    ran = [json.loads(Path(out, f"rank{r}-steps.json").read_text()) for r in (0, 1)]
-    assert ran[0] == ran[1] == list(range(1, stopped_at + 1))
-    saved = torch.load(Path(out, "last.pt"), weights_only=True)
-    assert saved["step"] == stopped_at
-    per_rank = saved["rng"]["per_rank"]
-    assert len(per_rank) == 2 and not torch.equal(per_rank[0]["augment"], per_rank[1]["augment"])
-    torch.multiprocessing.spawn(ddp_stop_worker, nprocs=2, args=(
-        2, free_port(), tiny_demo, out, -1, log_interval, True))
-    ran = [json.loads(Path(out, f"rank{r}-steps.json").read_text()) for r in (0, 1)]
-    assert ran[0] == ran[1] == list(range(stopped_at + 1, 7))  # 3 epochs of 2 steps
-    final = torch.load(Path(out, "last.pt"), weights_only=True)
-    assert final["step"] == 6 and final["epoch"] == 3
-    assert not torch.equal(final["rng"]["per_rank"][0]["augment"], final["rng"]["per_rank"][1]["augment"])
+        2, free_ports(2 * len(STOP_CASES)), tiny_demo, str(tmp_path)))
+    for case, (stop_step, log_interval, stopped_at) in enumerate(STOP_CASES):
+        out = tmp_path / f"case{case}"
+        ran = [json.loads((out / f"rank{r}-stopped.json").read_text()) for r in (0, 1)]
+        assert ran[0] == ran[1] == list(range(1, stopped_at + 1)), STOP_CASES[case]
+        saved = torch.load(out / "stopped.pt", weights_only=True)
+        assert saved["step"] == stopped_at
+        per_rank = saved["rng"]["per_rank"]
+        assert len(per_rank) == 2 and not torch.equal(per_rank[0]["augment"], per_rank[1]["augment"])
+        ran = [json.loads((out / f"rank{r}-resumed.json").read_text()) for r in (0, 1)]
+        assert ran[0] == ran[1] == list(range(stopped_at + 1, 7))  # 3 epochs of 2 steps
+        final = torch.load(out / "last.pt", weights_only=True)
+        assert final["step"] == 6 and final["epoch"] == 3
+        assert not torch.equal(final["rng"]["per_rank"][0]["augment"], final["rng"]["per_rank"][1]["augment"])
 
 
 def test_each_rank_restores_its_own_random_states_or_says_it_reseeds(capsys):
@@ -2956,6 +3008,7 @@ def test_hsemotion_files_convert_to_native_class_order_and_start_training(tmp_pa
     # the eval-ready checkpoint: HSEmotion's six logits in the LSD order, as it is
     ready, config = evaluation.load_checkpoint(six["checkpoint"])
     assert ready.classes == data.ABAW_LSD_CLASSES and config["tf_variant"] and ready.image_size == 224
+    assert set(config) <= set(train.DEFAULTS)  # settings train.py knows, made without train.py
     with torch.no_grad():
         torch.testing.assert_close(ready(images), reference[:, [0, 2, 3, 4, 6, 7]], atol=1e-4, rtol=0)
     # train.py starts from it: the encoder (and the 8-class head) exactly the converted weights
@@ -3082,6 +3135,26 @@ def test_ckplus48_and_ferplus_train_and_evaluate_with_their_protocols(tiny_demo,
 # bench.py: the benchmark runs and reports what it promises (its numbers are not tested here).
 
 @slow
+@slow
+def test_bench_times_the_cpu_step_every_way_it_compares(capsys):
+    """bench.py cpu and cpu-jobs: train.py's own step for a FER2013 recipe, the default first
+    and every alternative relative to it, the batch sizes in faces per second, one run against
+    one run per core; and the profile's operator table."""
+    rows = bench.main(["cpu", "cpu-jobs", "--size", "32", "--batch", "4", "--batches", "4", "8",
+                       "--variants", "sl", "--steps", "1", "--rounds", "1", "--profile", "--json"])
+    step = [r for r in rows if r["part"] == "cpu"]
+    assert [r["model"] for r in step] == ["default (float32, channels_last, eager)", "contiguous (NCHW)",
+                                          "bf16 autocast", "batch 4", "batch 8"]
+    assert step[0]["ratio_vs_default"] == 1.0 == step[3]["ratio_vs_default"]
+    assert all(r["images_per_s"] > 0 and r["arch"] == "sl" for r in step) and step[0]["first_step_s"] > 0
+    cores = os.cpu_count()
+    jobs = [r for r in rows if r["part"] == "cpu-jobs"]
+    assert [r["model"] for r in jobs] == [f"1 run x {cores} threads", f"{cores} runs x 1 thread",
+                                          f"{cores} runs x {cores} threads (oversubscribed)"]
+    assert jobs[0]["ratio_vs_default"] == 1.0 and all(r["images_per_s"] > 0 for r in jobs)
+    assert "aten::convolution_backward" in capsys.readouterr().out  # the profile's table
+
+
 def test_bench_reports_every_contender():
     rows = bench.main(["models", "hmtl", "data", "fingerprint", "reader", "predict", "--arch", "b0",
                        "--size", "32", "--batch", "2", "--steps", "1", "--rounds", "1",
@@ -3172,6 +3245,40 @@ def test_a_mistyped_name_gets_one_line_with_the_closest(tmp_path, capsys):
         data.main(["sumary"])
     with pytest.raises(SystemExit, match="^error: unknown dataset 'afectnet'; did you mean affectnet"):
         data.main(["summary", "--dataset", "afectnet", "--data-root", str(tmp_path)])
+    # a command given to the program it moved from (or another's) names where it is, before any
+    # flag the other program does not know is parsed
+    with pytest.raises(SystemExit, match=r"^error: show is a command of eval.py, not of data.py: "
+                                         r"python eval.py show --dataset demo --augment none$"):
+        data.main(["show", "--dataset", "demo", "--augment", "none"])
+    with pytest.raises(data.UserError, match="prepare is a command of data.py, not of eval.py"):
+        evaluation.main(["prepare", "--size", "64"])
+    with pytest.raises(data.UserError, match="score is a command of eval.py, not of train.py"):
+        train.main(["score", "--checkpoint", "best.pt"])
+    with pytest.raises(data.UserError, match=r"unknown command 'shw'; did you mean python eval.py "
+                                             r"show\? train.py takes flags only"):
+        train.main(["shw", "--dataset", "demo"])
+    with pytest.raises(SystemExit, match="^error: unknown command 'sumary'; did you mean summary"):
+        data.main(["--dataset", "demo", "sumary"])  # the command after the flags
+    assert data.PROGRAM_COMMANDS["eval.py"] == tuple(evaluation.COMMANDS)
+
+
+def test_the_modules_import_one_way():
+    """The runners use the method and the data; the method knows no runner and no data set
+    reader beyond the label names (tasks -> data); data knows only the input normalisation;
+    eval never imports train (README, the file table)."""
+    import ast
+    names = ["models", "data", "ssl_tasks", "tasks", "hmtl", "eval", "train", "bench"]
+    imports = {}
+    for name in names:  # every import, also those inside functions
+        tree = ast.parse((HERE / f"{name}.py").read_text())
+        found = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        found |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imports[name] = found & set(names)
+    assert imports == {"models": set(), "data": {"models"}, "ssl_tasks": {"models"}, "tasks": {"data"},
+                       "hmtl": {"models", "ssl_tasks", "tasks"},
+                       "eval": {"data", "hmtl", "models", "ssl_tasks", "tasks"},
+                       "train": {"data", "eval", "hmtl", "models", "ssl_tasks", "tasks"},
+                       "bench": {"data", "eval", "hmtl", "models", "ssl_tasks", "tasks", "train"}}
 
 
 def test_an_unfinished_comparison_reports_what_has_finished(tmp_path, capsys):

@@ -163,6 +163,7 @@ LABEL_NAMES = {"target": "class", "va": "valence/arousal", "au": "action-unit"}
 
 
 def parse_args(argv=None):
+    data.check_command(sys.argv[1:] if argv is None else argv, "train.py")
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
@@ -1164,6 +1165,11 @@ def run_processes(jobs, at_once, deadline=None):
     second one makes a run leave without saving. Returns the folders whose run finished
     (status 0 and a final test in its metrics)."""
     import subprocess
+    # Each job its share of the cores: torch would give every job all of them, and two runs of
+    # two threads each on two cores train 0.8x as many faces per second as two of one thread
+    # (BENCHMARKS.md, "The CPU step"). A thread count the user set is kept.
+    threads = str(max(1, (os.cpu_count() or 1) // at_once))
+    environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
     signalled = []
     waiting, running, done = list(jobs), [], []
     with stop_signals_call(lambda signum, frame: signalled.append(signum)):
@@ -1174,7 +1180,7 @@ def run_processes(jobs, at_once, deadline=None):
                 os.makedirs(folder, exist_ok=True)
                 log = open(os.path.join(folder, "train.log"), "a")
                 running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                 start_new_session=True), folder, log))
+                                                 start_new_session=True, env=environment), folder, log))
             if stopping and waiting is not None:
                 waiting = None  # once
                 print("stopping: the running runs save and stop; rerun the same command to go on",
