@@ -18,8 +18,8 @@ Parts (`python bench.py models hmtl`; default: models hmtl data predict):
   predict  eval.predict on an in-memory uint8 batch against the bare forward of the same
            model on the same (normalised) batch.
   e2e      train.py end to end (data + step + validation), SL vs puzzle vs in-painting: one
-           demo epoch at 64 px on the CPU; 224 px, B0 and B2, on CUDA, with the projected time
-           of one AffectNet-8 epoch (287,651 images)
+           demo epoch (its recipe: 48 px) on the CPU; 224 px, B0 and B2, on CUDA, with the
+           projected time of one AffectNet-8 epoch (287,651 images)
   data     the input pipeline against the B0 training step it feeds: the plain reader
            (decode + crop + strong augmentation per sample, 1 core), the prepared cache (read +
            collate whole batches, 1 core), the strong augmentation batched on the device.
@@ -431,7 +431,7 @@ def bench_reader(args, device, autocast):
 
 def bench_e2e(args, device, autocast):
     """The real training loop (train.py: data + augmentation + joint loss + step + the
-    per-epoch validation), SL vs puzzle vs in-painting. CPU: one full demo epoch at 64 px,
+    per-epoch validation), SL vs puzzle vs in-painting. CPU: one full demo epoch at 48 px,
     B0. CUDA: `args.steps * 10` steps at 224 px with `args.batch`, B0 and B2, from the demo's
     prepared cache. Reports images/s of the loop and the projected AffectNet-8 epoch."""
     import json
