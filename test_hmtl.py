@@ -39,7 +39,7 @@ import train
 ARCHS = ["b0", "b2"]
 HERE = Path(__file__).parent
 # Minutes on a 2-core CPU (demo trainings, exports, several processes). CI runs every test; the
-# inner loop skips these: python -m pytest -q -m "not slow" test_hmtl.py (about two minutes).
+# inner loop skips these: python -m pytest -q -m "not slow" test_hmtl.py (about 75 seconds).
 slow = pytest.mark.slow
 
 
