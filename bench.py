@@ -908,6 +908,8 @@ def main(argv=None):
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
     setting = describe(device, args)
+    if cpu_parts == set(args.parts):  # their rows name their own precision and layout
+        setting = {k: v for k, v in setting.items() if k not in ("amp", "channels_last", "data_size")}
     if not args.json:
         print(" ".join(f"{k}={v}" for k, v in setting.items()))
     rows = []
