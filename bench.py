@@ -471,7 +471,6 @@ def cpu_trainer(variant, batch, size, channels_last=True, dtype=None, compiled=F
     """train.py's Trainer for the FER2013 20 % recipe of `variant` (sl, puzzle, inpaint) at
     `size` px, built as train.build_model builds it (seed 0), without a data set."""
     import data
-    import eval as evaluation
     import hmtl
     import ssl_tasks
     import tasks
@@ -527,37 +526,33 @@ def bench_cpu(args, device, autocast):
         steps = {name: cpu_step(cpu_trainer(variant, batch, size, **settings), faces)
                  for name, settings in contenders.items()}
         compile_s = {}
-        for name, step in steps.items():  # the first two steps: compilation, warm-up
+        for name, step in steps.items():  # the first step: compilation, warm-up
             began = time.perf_counter()
             step()
             compile_s[name] = time.perf_counter() - began
         times = race(steps, device, args.steps, args.rounds)
         default = next(iter(contenders))
         for name in contenders:
-            rows.append(dict(part="cpu", arch=f"{variant}", model=name,
+            rows.append(dict(part="cpu", arch=variant, model=name,
                              images_per_s=batch / statistics.median(times[name]),
                              first_step_s=compile_s[name],
                              **paired_ratio(times[default], times[name], "vs_default"), peak_mib=None))
     for variant in args.variants:  # the batch size: faces per second at the default settings
-        steps = {f"batch {b}": cpu_step(cpu_trainer(variant, b, size), face_batch(b, size))
-                 for b in args.batches}
-        times = race({k: v for k, v in steps.items()}, device, args.steps, args.rounds)
-        per_face = {k: statistics.median(t) / int(k.split()[1]) for k, t in times.items()}
-        reference = f"batch {batch}"
-        for name in steps:
-            ratios = sorted((r / int(reference.split()[1])) / (t / int(name.split()[1]))
-                            for r, t in zip(times[reference], times[name]))
-            rows.append(dict(part="cpu", arch=variant, model=name, images_per_s=1 / per_face[name],
-                             ratio_vs_default=statistics.median(ratios), ratio_vs_default_min=ratios[0],
-                             ratio_vs_default_max=ratios[-1], peak_mib=None))
+        steps = {b: cpu_step(cpu_trainer(variant, b, size), face_batch(b, size)) for b in args.batches}
+        times = race(steps, device, args.steps, args.rounds)
+        per_face = {b: [t / b for t in times[b]] for b in args.batches}  # seconds per face
+        for b in args.batches:
+            rows.append(dict(part="cpu", arch=variant, model=f"batch {b}",
+                             images_per_s=1 / statistics.median(per_face[b]),
+                             **paired_ratio(per_face[batch], per_face[b], "vs_default"), peak_mib=None))
     return rows
 
 
-def steady_rate(variant, batch, size, threads, steps, settings="{}"):
+def steady_rate(variant, batch, size, threads, steps):
     """Faces per second of `steps` default steps after two warm-up steps, on `threads`
     threads (run in a process of its own by bench_cpu_jobs); printed as one JSON line."""
     torch.set_num_threads(threads)
-    step = cpu_step(cpu_trainer(variant, batch, size, **json.loads(settings)), face_batch(batch, size))
+    step = cpu_step(cpu_trainer(variant, batch, size), face_batch(batch, size))
     step(), step()
     began = time.perf_counter()
     for _ in range(steps):
@@ -593,11 +588,9 @@ def bench_cpu_jobs(args, device, autocast):
                 rates[name].append(rate(jobs, threads, variant))
         first = next(iter(kinds))
         for name in kinds:
-            ratios = sorted(t / r for r, t in zip(rates[first], rates[name]))
             rows.append(dict(part="cpu-jobs", arch=variant, model=name,
-                             images_per_s=statistics.median(rates[name]),
-                             ratio_vs_default=statistics.median(ratios), ratio_vs_default_min=ratios[0],
-                             ratio_vs_default_max=ratios[-1], peak_mib=None))
+                             images_per_s=statistics.median(rates[name]),  # rates: 1 / times
+                             **paired_ratio(rates[name], rates[first], "vs_default"), peak_mib=None))
     return rows
 
 
