@@ -784,7 +784,7 @@ def fer2013_comparison(args, chosen_so_far):
                                     (1.0, args.epochs_full, train.COMPARE_SEEDS[:1]),
                                     (1.0, args.epochs_full, train.COMPARE_SEEDS[1:args.full_seeds])):
         for seed in seeds:
-            for ssl in train.COMPARE_VARIANTS.values():
+            for ssl in train.COMPARE_DEFAULT:
                 folder = os.path.join(compare, f"{ssl}-{int(fraction * 100)}pct-seed{seed}")
                 cells[folder] = fer2013_flags(args.data_root, {**chosen, **pretext.get(ssl, {})},
                                               epochs, fraction, ssl, seed, folder, args.cache_dir,

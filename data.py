@@ -1907,6 +1907,18 @@ PARENT_EXITING = multiprocessing.RawValue("b", 0)
 atexit.register(lambda: setattr(PARENT_EXITING, "value", 1))
 
 
+def training_faces_used(data, size, data_root, fraction=1.0):
+    """The training split, or the stratified `fraction` of it that a low-data run trains on:
+    one fixed subset, drawn with seed 0, for every seed and variant (the paper's one split)."""
+    train_set = open_split(data, "train", size, data_root)
+    if fraction >= 1:
+        return train_set
+    targets = train_set.targets()
+    if targets is None:
+        raise UserError("--train-fraction needs class labels to stratify")
+    return open_split(data, "train", size, data_root, stratified_fraction(targets.numpy(), fraction, 0))
+
+
 def make_loader(dataset, batch_size, workers=0, sampler=None, drop_last=False, pin_memory=False):
     """A DataLoader for either kind of dataset, with the matching collate. Its workers end
     with the process, whoever still holds the loader or an iterator of it."""

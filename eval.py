@@ -188,6 +188,11 @@ def line_panel(draw, box, series, title):
         draw.text((left + 8 + 110 * (k % 4), y0 + 6 + 14 * (k // 4)), name, fill=colour)
 
 
+# what a training step logs of what it learned, and its name on the curves
+LEARNED_SCORES = {"train_accuracy": "train accuracy", "positions_right": "puzzle right",
+                  "l1_vs_fill": "L1 / fill's L1"}
+
+
 def curves_png(entries, path, width=720, panel=220):
     """A run at a glance, from its metrics.jsonl entries: the training loss parts (epoch means)
     and the validation metrics per epoch. A diverging run shows as a rising loss line."""
@@ -195,15 +200,21 @@ def curves_png(entries, path, width=720, panel=220):
     epochs = list({e["epoch"]: e for e in entries if e.get("kind") == "epoch"}.values())
     vals = list({e["epoch"]: e for e in entries if e.get("kind") == "val"}.values())
     losses = {k: [(e["epoch"], e[k]) for e in epochs if k in e]
-              for k in dict.fromkeys(k for e in epochs for k in e if k not in ("kind", "epoch", "step"))}
+              for k in dict.fromkeys(k for e in epochs for k in e
+                                     if k not in ("kind", "epoch", "step", *LEARNED_SCORES))}
     shown = [k for k in ("accuracy", "macro_f1", "mae_mean", "ccc_valence", "ccc_arousal")
              if any(k in e for e in vals)]
-    metrics = {k: [(e["epoch"], e[k]) for e in vals if k in e] for k in shown}
+    # beside validation, what training learned: whether the task overfit, whether the pretext
+    # task was learned at all
+    metrics = {**{k: [(e["epoch"], e[k]) for e in vals if k in e] for k in shown},
+               **{LEARNED_SCORES[k]: [(e["epoch"], e[k]) for e in epochs if k in e]
+                  for k in LEARNED_SCORES if any(k in e for e in epochs)}}
     image = Image.new("RGB", (width, 2 * panel + 60), "white")
     draw = ImageDraw.Draw(image)
     line_panel(draw, (10, 30, width - 10, panel + 10), losses, "training loss (mean per epoch)")
     line_panel(draw, (10, panel + 50, width - 10, 2 * panel + 50), metrics,
-               f"validation ({vals[0]['split']})" if vals else "validation")
+               (f"validation ({vals[0]['split']})" if vals else "validation")
+               + ", training accuracy and the pretext's score (epoch means)")
     image.save(path)
     return path
 
@@ -770,6 +781,40 @@ def evaluate(model, config, faces, split, data_root, device, batch_size=128, wor
     return metrics
 
 
+@torch.no_grad()
+def reestimate_batchnorm(model, config, faces, data_root, device, batch_size=128, workers=0):
+    """Replace the encoder's BatchNorm running statistics by those of the clean training faces
+    the run trained on (all of them for a semi-supervised run): no label is read and no weight
+    changes. In training, BatchNorm normalised pretext-transformed faces (all of them in the
+    shared view, half of each batch in the separate view) and the test sees clean ones; scoring
+    before and after measures what that mismatch costs. Returns the number of faces used."""
+    fraction = 1.0 if config.get("semi_supervised") else config.get("train_fraction", 1.0)
+    dataset = data.training_faces_used(faces, config["image_size"], data_root, fraction)
+    loader = data.make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
+    norms = [m for m in model.encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    model.eval()  # dropout and stochastic depth off; BatchNorm alone in training mode
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches, not an exponential one
+        m.train()
+    memory_format = ssl_tasks.memory_format_of(model.encoder.features[0][0].weight)
+    seen = 0
+    try:
+        for batch in loader:
+            if "image" in batch:
+                images = models.normalize(batch["image"].to(device, non_blocking=True))
+                model.encoder.forward_features(images.contiguous(memory_format=memory_format))
+                seen += len(images)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+    if seen == 0:
+        raise EvalError("no training face could be read to re-estimate BatchNorm")
+    return seen
+
+
 def blend(model, config, args, faces, split, device):
     """Both checkpoints over the split (each at its own image size), their logits restricted
     to the dataset's classes, blended at the weight asked for, or at every weight."""
@@ -915,6 +960,9 @@ def parser():
 
     score = command("score", "score a checkpoint with the dataset's protocol", dataset=True)
     score.add_argument("--out", help="folder for the confusion-matrix PNG (default: beside the checkpoint)")
+    score.add_argument("--reestimate-bn", action="store_true",
+                       help="score, re-estimate the BatchNorm statistics on the run's clean "
+                            "training faces (no label used, no weight changed), score again")
     blend_ = command("blend", "score weight·checkpoint + (1 − weight)·OTHER over the dataset's "
                               "classes; without --weight, every weight 0, 0.1, ..., 1 (the best is "
                               "optimistic: picked on the split it scores)", dataset=True)
@@ -956,9 +1004,25 @@ def parser():
 
 def score_command(args):
     model, config, faces, split = checkpoint_and_data(args)
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    before = None
+    if args.reestimate_bn:
+        if faces.name != config["dataset"]:
+            raise EvalError(f"--reestimate-bn uses the training faces of the run's own dataset "
+                            f"({config['dataset']}), not {faces.name}")
+        before = evaluate(model, config, faces, split, args.data_root, model_device(model),
+                          args.batch_size, args.workers)
+        used = reestimate_batchnorm(model, config, faces, args.data_root, model_device(model),
+                                    args.batch_size, args.workers)
     metrics = evaluate(model, config, faces, split, args.data_root, model_device(model),
-                       args.batch_size, args.workers,
-                       args.out or os.path.dirname(os.path.abspath(args.checkpoint)))
+                       args.batch_size, args.workers, out)
+    if before is not None:
+        key = tasks.TASKS[model.task].selection
+        metrics["before_bn_reestimation"] = {k: v for k, v in before.items() if isinstance(v, float)}
+        metrics["bn_reestimated_on"] = used
+        if not args.json:
+            print(f"BatchNorm statistics re-estimated on {used} clean training faces: score "
+                  f"{key(before, faces.name):.4f} before, {key(metrics, faces.name):.4f} after")
     if not args.json:
         if faces.name == "ckplus":
             print(f"ckplus ({metrics['protocol']}, {metrics['folds']} folds): accuracy "

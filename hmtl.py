@@ -64,23 +64,33 @@ class HMTL(nn.Module):
         """Task outputs on clean (normalised) images: what the exported model computes."""
         return self.task_head(self.encoder.pool(self.encoder.forward_features(images)))
 
-    def losses(self, images, targets=None, landmarks=None, has_landmarks=None, generator=None):
+    def losses(self, images, targets=None, landmarks=None, has_landmarks=None, generator=None,
+               unlabelled=None):
         """The joint loss of one training batch. Returns (parts, task outputs): parts["loss"] is
-        what to backpropagate; "task" and "ssl" (and the pretext's own parts, e.g. in-painting's
-        "l1" and "perceptual") are detached, for logging. Task outputs are None in pretext-only
-        training. targets: the labels the task reads (tasks.TASKS[task].labels), by name."""
+        what to backpropagate; "task" and "ssl" (and the pretext's own parts: its score, e.g.
+        the puzzle's "positions_right", and in-painting's "l1" and "perceptual") are detached,
+        for logging. Task outputs are None in pretext-only training. targets: the labels the
+        task reads (tasks.TASKS[task].labels), by name. `unlabelled`: (images, landmarks,
+        has_landmarks) of a batch without labels, for semi-supervised HMTL (as S4L, Zhai et
+        al., ICCV 2019): the pretext task runs on both batches, the task on the labelled one."""
         if self.pretext is None:
             outputs = self(images)
             task = self.task_loss(outputs, targets)
             return {"loss": task, "task": task.detach()}, outputs
 
+        labelled = len(images)
+        if unlabelled is not None:
+            images, landmarks, has_landmarks = (torch.cat(pair) for pair in zip(
+                (images, landmarks, has_landmarks), unlabelled))
         transformed, pretext_target = self.pretext.transform(images, landmarks, has_landmarks, generator)
         pretext_only = self.task_weight == 0
         if self.view == "separate" and not pretext_only:
             # clean view -> task head, transformed view -> pretext head, in one encoder pass
-            clean_map, feature_map = self.encoder.forward_features(torch.cat([images, transformed])).chunk(2)
+            both = self.encoder.forward_features(torch.cat([images[:labelled], transformed]))
+            clean_map, feature_map = both[:labelled], both[labelled:]
         else:
-            clean_map = feature_map = self.encoder.forward_features(transformed)
+            feature_map = self.encoder.forward_features(transformed)
+            clean_map = feature_map[:labelled]
         ssl, parts = self.pretext.loss(feature_map, images, pretext_target, self.encoder)
         if pretext_only:
             return {"loss": self.lambda_ssl * ssl, "ssl": ssl.detach(), **parts}, None

@@ -111,7 +111,10 @@ class Puzzle(nn.Module):
         return puzzle(images, self.grid, generator)
 
     def loss(self, feature_map, images, order, encoder):
-        return puzzle_loss(self.head(encoder.pool(feature_map)), order), {}
+        logits = self.head(encoder.pool(feature_map))
+        # the pretext's own score, to see whether it is learned: chance is 1/g^2
+        positions_right = (logits.argmax(-1) == order).float().mean()
+        return puzzle_loss(logits, order), {"positions_right": positions_right.detach()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +356,12 @@ class Inpaint(nn.Module):
         reconstruction = self.decoder(feature_map, images.shape[-2:])
         total, l1, perceptual = inpaint_loss(reconstruction, images, mask,
                                              self.perceptual_net(encoder), self.perceptual_weight)
-        return total, {"l1": l1.detach(), "perceptual": perceptual.detach()}
+        # the pretext's own score, to see whether it is learned: the masked L1 against that of
+        # leaving the fill in place (1.0: no better than the blank; 0: perfect)
+        filled = mask_images(images.float(), mask, self.mask_fill)
+        fill_l1 = ((filled - images.float()).abs() * mask).sum() / (mask.sum() * images.shape[1]).clamp(min=1)
+        return total, {"l1": l1.detach(), "perceptual": perceptual.detach(),
+                       "l1_vs_fill": (l1 / fill_l1.clamp(min=1e-6)).detach()}
 
 
 VGG16_LAYERS = 16  # features[:16]: up to relu3_3, the usual perceptual layers

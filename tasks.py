@@ -269,6 +269,7 @@ class Task:
     selection: object           # (metrics, dataset name) -> float
     predict: object             # (one output row, classes) -> {"label": ..., its parts}
     angles: bool = False        # its "target" is head pose, which augmentation must move
+    class_logits: object = None  # (outputs, num_classes) -> the class logits, where "target" is a class
 
 
 def expression_metrics(logits, labels, classes):
@@ -360,7 +361,7 @@ TASKS = {
         loss=lambda m, out, t: classification_loss(out, t["target"], m.weights, m.label_smoothing),
         metrics=lambda out, t, classes: expression_metrics(out, t["target"], classes),
         selection=expression_score,
-        predict=class_prediction),
+        predict=class_prediction, class_logits=lambda out, n: out),
     # valence and arousal (Aff-Wild2's VA challenge)
     "va": Task(
         outputs=lambda classes: 2, labels=("va",),
@@ -378,7 +379,7 @@ TASKS = {
                                          **va_metrics(valence_arousal(out[:, -2:]), t["va"])},
         selection=lambda metrics, dataset: (expression_score(metrics, dataset)
                                             + metrics.get("ccc_mean", 0.0)),  # ABAW-style sum
-        predict=expr_va_prediction),
+        predict=expr_va_prediction, class_logits=lambda out, n: out[:, :-2]),
     # head pose, Hopenet's bins: yaw, pitch, roll in degrees
     "pose": Task(
         outputs=lambda classes: 3 * POSE_BINS, labels=("target",),
@@ -394,7 +395,7 @@ TASKS = {
                                         m.au_pos_weight),
         metrics=mtl_metrics,
         selection=lambda metrics, dataset: metrics["p_mtl"],  # at AU threshold 0.5
-        predict=mtl_prediction),
+        predict=mtl_prediction, class_logits=lambda out, n: out[:, :n]),
 }
 
 

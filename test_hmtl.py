@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import warnings
 from collections import Counter
@@ -2157,6 +2158,88 @@ def test_pretrain_then_finetune_from_the_checkpoint(tiny_demo, tmp_path):
             assert torch.equal(value, pre[f"encoder.{key}"]), key
 
 
+def test_semi_supervised_steps_take_a_labelled_and_an_unlabelled_batch(tiny_demo, tmp_path, capsys):
+    """--semi-supervised at half the labels: the pretext task runs on all 32 training faces, the
+    task on the 16 labelled ones (2 steps an epoch, as without it), and the unlabelled stream is
+    a function of the step: stopped after step 3 (inside the unlabelled stream's first pass of 4
+    batches) and resumed, the weights are those of a straight run, bit for bit."""
+    flags = ["--ssl", "inpaint", "--train-fraction", "0.5", "--semi-supervised", "--epochs", "3", "--no-eval"]
+    run_train(tiny_demo, tmp_path / "straight", *flags)
+    printed = capsys.readouterr().out
+    assert "16 training samples" in printed and "epochs of 2 steps" in printed
+    assert "the pretext task also on 32 training faces without their labels, a batch of 8" in printed
+    run_train(tiny_demo, tmp_path / "split", *flags, on_step=stop_at(3))
+    train.main(["--resume", str(tmp_path / "split" / "last.pt"), "--workers", "0", "--no-eval"])
+    straight, resumed = weights_of(tmp_path / "straight" / "last.pt"), weights_of(tmp_path / "split" / "last.pt")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    with pytest.raises(train.RunError, match="needs --ssl puzzle or inpaint"):
+        run_train(tiny_demo, tmp_path / "sl", "--train-fraction", "0.5", "--semi-supervised")
+
+
+@pytest.mark.parametrize("view", ["shared", "separate"])
+def test_the_unlabelled_batch_feeds_the_pretext_task_only(view):
+    """HMTL.losses with an unlabelled batch: the pretext head gets the transformed faces of both
+    batches, the task head only the labelled ones (clean in the separate view)."""
+    config = {**train.DEFAULTS, "ssl": "puzzle", "view": view, "image_size": 32}
+    model = hmtl.build(config, classes=[str(c) for c in range(8)])
+    seen = {}
+    pretext_loss = model.pretext.loss
+    model.pretext.loss = lambda feature_map, images, target, encoder: (
+        seen.update(pretext=len(feature_map), images=len(images)) or pretext_loss(feature_map, images, target, encoder))
+    labelled, unlabelled = torch.randn(4, 3, 32, 32), torch.randn(6, 3, 32, 32)
+    no_landmarks = lambda n: (torch.zeros(n, 68, 2), torch.zeros(n, dtype=torch.bool))
+    parts, outputs = model.losses(labelled, {"target": torch.arange(4)}, *no_landmarks(4),
+                                  unlabelled=(unlabelled, *no_landmarks(6)))
+    assert seen == {"pretext": 10, "images": 10} and outputs.shape == (4, 8)
+    assert 0 <= parts["positions_right"] <= 1 and parts["task"] > 0
+
+
+def test_the_pretext_scores_read_chance_and_perfection():
+    """The puzzle's score is the fraction of grid positions named right (one fixed guess per
+    position: exactly 1/9); in-painting's is the masked L1 over the fill's (leaving the blank:
+    1.0; the true face: 0)."""
+    images = torch.rand(4, 3, 30, 30)
+    pool = types.SimpleNamespace(pool=lambda feature_map: feature_map.mean((2, 3)))
+    puzzle = ssl_tasks.Puzzle(16)
+    _, order = puzzle.transform(images)
+    feature_map = torch.zeros(4, 16, 1, 1)
+    puzzle.head.forward = lambda pooled: F.one_hot(order, 9).float()
+    assert puzzle.loss(feature_map, images, order, pool)[1]["positions_right"] == 1
+    puzzle.head.forward = lambda pooled: torch.zeros(4, 9, 9)
+    assert puzzle.loss(feature_map, images, order, pool)[1]["positions_right"] == pytest.approx(1 / 9)
+    for fill in ("zero", "mean"):
+        inpaint = ssl_tasks.Inpaint(16, perceptual="none", mask_fill=fill)
+        masked, mask = inpaint.transform(images)
+        for answer, score in ((masked, 1.0), (images, 0.0)):
+            inpaint.decoder.forward = lambda feature_map, size, answer=answer: answer
+            assert inpaint.loss(feature_map, images, mask, pool)[1]["l1_vs_fill"] == pytest.approx(score, abs=1e-6)
+
+
+def test_batchnorm_reestimation_takes_the_clean_training_faces_statistics(tiny_demo, tmp_path):
+    """eval.py score --reestimate-bn: the running statistics become those of the run's clean
+    training faces (the stem's: the mean of its convolution over all 32 faces), no weight
+    changes, the momentum is restored, and the score is given before and after."""
+    run_train(tiny_demo, tmp_path, "--ssl", "puzzle", "--view", "shared", "--epochs", "1")
+    model, config = evaluation.load_checkpoint(str(tmp_path / "best.pt"))
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "batches" not in k}
+    stem_norm = model.encoder.features[0][1]
+    stem_norm.running_mean.fill_(100.0)
+    faces = data.load("demo", tiny_demo)
+    used = evaluation.reestimate_batchnorm(model, config, faces, tiny_demo, torch.device("cpu"), batch_size=8)
+    dataset = data.open_split(faces, "train", 32, tiny_demo)
+    images = models.normalize(dataset.__getitems__(list(range(len(dataset))))["image"])
+    with torch.no_grad():
+        expected = model.encoder.features[0][0](images).mean((0, 2, 3))
+    assert used == 32 and torch.allclose(stem_norm.running_mean, expected, atol=1e-4)
+    assert stem_norm.momentum == 0.1 and not model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    result = evaluation.main(["score", "--checkpoint", str(tmp_path / "best.pt"), "--dataset", "demo",
+                              "--data-root", tiny_demo, "--reestimate-bn", "--workers", "0", "--json"])
+    metrics = result["metrics"]
+    assert metrics["bn_reestimated_on"] == 32 and "accuracy" in metrics["before_bn_reestimation"]
+
+
 def test_train_fraction_and_oversampling(tiny_demo, tmp_path, capsys):
     run_train(tiny_demo, tmp_path / "low", "--train-fraction", "0.5", "--imbalance", "oversample",
               "--max-steps", "1", "--no-eval")
@@ -3279,24 +3362,52 @@ def test_the_modules_import_one_way():
                        "bench": {"data", "eval", "hmtl", "models", "ssl_tasks", "tasks", "train"}}
 
 
+@slow
+def test_compare_runs_semi_supervised_and_pretraining_variants(tiny_demo, tmp_path, capsys):
+    """--compare --variants semi-inpaint finetune-puzzle, two runs at a time: the pre-training
+    run (pretext only, every training face, as many steps as the fine-tuning's recipe takes at
+    its fraction) trains first, the fine-tuning starts from its last.pt, the semi-supervised run
+    takes all faces for its pretext task; the table carries what each run learned."""
+    flags = ["--dataset", "demo", "--data-root", tiny_demo, *TINY, "--epochs", "2", "--log-interval", "50",
+             "--out", str(tmp_path), "--compare", "--variants", "semi-inpaint", "finetune-puzzle",
+             "--fractions", "0.5", "--seeds", "0", "--jobs", "2"]
+    summary = train.main(flags)
+    assert [(r["variant"], r["data"]) for r in summary["runs"]] == [
+        ("semi-supervised in-painting", "50 %"), ("puzzle pre-training, fine-tuned", "50 %")]
+    config = lambda name: json.loads((tmp_path / name / "config.json").read_text())
+    pretraining = config("pretrain-puzzle-50pct-seed0")
+    assert (pretraining["task_weight"], pretraining["train_fraction"], pretraining["epochs"]) == (0.0, 1.0, 1)
+    assert config("finetune-puzzle-50pct-seed0")["init"] == str(tmp_path / "pretrain-puzzle-50pct-seed0" / "last.pt")
+    assert config("semi-inpaint-50pct-seed0")["semi_supervised"] is True
+    for run in summary["runs"]:
+        assert 0 <= run["train_accuracy"] <= 1 and run["val_best_epoch"] in (1, 2) and run["epochs"] == 2
+    assert summary["runs"][0]["pretext_metric"] == "l1_vs_fill" and summary["runs"][1]["pretext_metric"] == "positions_right"
+    assert set(summary["learned"]["pretext_score"]["50 %"]) == {"semi-supervised in-painting",
+                                                               "puzzle pre-training, fine-tuned"}
+    assert "what the runs learned" in capsys.readouterr().out
+    with pytest.raises(train.RunError, match="--variants: unknown semi-rotation"):
+        train.compare([*flags, "--variants", "semi-rotation"])
+    with pytest.raises(train.RunError, match="--compare sets --init itself"):
+        train.compare([*flags, "--init", "imagenet"])
+
+
 def test_an_unfinished_comparison_reports_what_has_finished(tmp_path, capsys):
     """Spread over sittings, --compare writes its table with the finished runs, the seeds each
     cell has, and names the runs still to train."""
-    runs, folders = [], []
-    for variant, ssl in train.COMPARE_VARIANTS.items():
-        for seed in train.COMPARE_SEEDS:
-            folder = tmp_path / f"{ssl}-20pct-seed{seed}"
-            folders.append(str(folder))
-            if variant != "in-painting" or seed == 0:  # in-painting: seed 0 only so far
-                runs.append({"data": "20 %", "variant": variant, "seed": seed, "fraction": 0.2,
-                             "accuracy": 0.5 + seed / 100, "macro_f1": 0.4, "seconds": None,
-                             "folder": str(folder)})
-                folder.mkdir()
-                (folder / "metrics.jsonl").write_text('{"kind": "test", "accuracy": 0.5}\n')
-    summary = train.compare_report(runs, folders, str(tmp_path), [], "fer2013")
+    runs = []
+    cells = train.compare_cells(str(tmp_path), train.COMPARE_DEFAULT, train.COMPARE_FRACTIONS, train.COMPARE_SEEDS)
+    for cell in cells:
+        variant, seed, folder = cell.name, cell.seed, Path(cell.folder)
+        if cell.fraction == 0.2 and (variant != "in-painting" or seed == 0):  # in-painting: seed 0 only so far
+            runs.append({"data": "20 %", "variant": variant, "seed": seed, "fraction": 0.2,
+                         "accuracy": 0.5 + seed / 100, "macro_f1": 0.4, "seconds": None,
+                         "folder": str(folder)})
+            folder.mkdir()
+            (folder / "metrics.jsonl").write_text('{"kind": "test", "accuracy": 0.5}\n')
+    summary = train.compare_report(runs, cells, str(tmp_path), [], "fer2013")
     printed = capsys.readouterr().out
     assert summary["table"]["20 %"]["SL"] == {"mean": pytest.approx(0.51), "std": pytest.approx(0.01), "seeds": 3}
     assert summary["table"]["20 %"]["in-painting"]["seeds"] == 1 and "full" in summary["table"]
-    assert summary["table"]["full"] == {} and len(summary["unfinished"]) == 2
-    assert "(1 seeds)" in printed and "not run" in printed and "2 of 9 runs not finished" in printed
+    assert summary["table"]["full"] == {} and len(summary["unfinished"]) == 11
+    assert "(1 seeds)" in printed and "not run" in printed and "11 of 18 runs not finished" in printed
     assert (tmp_path / "compare.png").exists() and (tmp_path / "compare.json").exists()

@@ -54,10 +54,12 @@ DEFAULTS = dict(
     optimizer="adamw", augment="weak", imbalance="weights", train_fraction=1.0,
     label_smoothing=0.0, pose_alpha=0.001, dropout=None, stochastic_depth=None,
     head="linear", node_vectors=None, gcn_lr_scale=0.01, mtl_weights=[1.0, 1.0, 1.0],
-    tf_variant=False, memory_efficient=False,
+    tf_variant=False, memory_efficient=False, semi_supervised=False,
 )
 # mtl_weights: the weights of the MTL loss's terms, in tasks.MTL_TERMS order (va, expression, au).
 # memory_efficient: recompute the activations in the backward pass (less memory, a little slower).
+# semi_supervised: with a train_fraction below 1, the pretext task also runs on an unlabelled
+# batch from all the training faces, beside every labelled batch (README, "Semi-supervised HMTL").
 # gcn_lr_scale: the GCN head's weights are a product, W = A·LeakyReLU(A·E·W1)·W2. Adam moves
 # every factor by ~lr per step, so W moves far faster than a linear head's weights would (up
 # to the 512-wide inner dimension times), and the expressions learn slowly. Measured on the
@@ -190,6 +192,10 @@ def parse_args(argv=None):
                    help="keep less activation memory (BN+SiLU recomputed in backward; slower)")
     g.add_argument("--pretrain", action="store_true",
                    help="pretext-only pre-training (no labels): task weight 0")
+    g.add_argument("--semi-supervised", action="store_true", default=None,
+                   help="with --train-fraction: the pretext task on every training face, the "
+                        "task on the labelled fraction (each step a labelled and an unlabelled "
+                        "batch of equal size)")
     g = p.add_argument_group("method")
     g.add_argument("--lambda-ssl", type=float, help="weight of the pretext loss")
     g.add_argument("--task-weight", type=float, help="weight of the task loss (0: pretext only)")
@@ -247,6 +253,13 @@ def parse_args(argv=None):
     add("--minutes", type=float,
         help="--compare: start no run after this many minutes and stop the running ones (each "
              "saves and resumes next time); 0 only writes the table of the finished runs")
+    add("--variants", nargs="+", default=list(COMPARE_DEFAULT), metavar="VARIANT",
+        help=f"--compare: which of {', '.join(COMPARE_VARIANTS)} (default: "
+             f"{' '.join(COMPARE_DEFAULT)})")
+    add("--fractions", nargs="+", type=float, default=list(COMPARE_FRACTIONS), metavar="F",
+        help="--compare: the labelled fractions of the training set (default 1.0 0.2)")
+    add("--seeds", nargs="+", type=int, default=list(COMPARE_SEEDS), metavar="SEED",
+        help="--compare: the seeds of every cell (default 0 1 2; one seed to search settings)")
     add("--jobs", type=int, default=1,
         help="--compare: runs trained at once, each its own process (small models leave a GPU "
              "mostly idle; several runs share it)")
@@ -483,15 +496,8 @@ def build_data(config, args, data_root, seed, rank=0, world=1, device=torch.devi
     barrier()
     # every split, before any work: a stale cache must never be trained or scored on
     data.check_cache(faces, size, data_root)
-    train_set = data.open_split(faces, "train", size, data_root)
+    train_set = data.training_faces_used(faces, size, data_root, config["train_fraction"])
     targets = train_set.targets()
-    if config["train_fraction"] < 1:
-        if targets is None:
-            raise RunError("--train-fraction needs class labels to stratify")
-        # one fixed subset (drawn with seed 0) for every seed and variant, as the paper's one split
-        kept = data.stratified_fraction(targets.numpy(), config["train_fraction"], 0)
-        train_set = data.open_split(faces, "train", size, data_root, kept)
-        targets = train_set.targets()
     num_classes = len(faces.classes) if faces.classes else None
     labelled = targets[targets >= 0] if targets is not None else None  # MTL frames may lack one
     counts = torch.bincount(labelled, minlength=num_classes) if targets is not None else None
@@ -514,7 +520,35 @@ def build_data(config, args, data_root, seed, rank=0, world=1, device=torch.devi
     return types.SimpleNamespace(
         faces=faces, task=task, train_set=train_set, counts=counts, num_classes=num_classes,
         weights=weights, au_pos_weight=au_pos_weight, sampler=sampler, loader=loader,
-        steps_per_epoch=steps_per_epoch, val_split=val_split)
+        steps_per_epoch=steps_per_epoch, val_split=val_split,
+        unlabelled=unlabelled_data(config, args, faces, data_root, seed, rank, world, device))
+
+
+def unlabelled_data(config, args, faces, data_root, seed, rank, world, device):
+    """Semi-supervised HMTL's second stream: every training face, labels unused, in its own
+    seeded order, batches as large as the labelled ones (None when the run is not
+    semi-supervised)."""
+    if not config["semi_supervised"]:
+        return None
+    if config["ssl"] == "none" or config["task_weight"] == 0:
+        raise RunError("--semi-supervised trains the task on the labelled faces and a pretext "
+                       "task on all of them: it needs --ssl puzzle or inpaint and a task")
+    faces_all = data.open_split(faces, "train", config["image_size"], data_root)
+    sampler = data.EpochSampler(len(faces_all), seed + 1_000_000, None, rank, world)
+    loader = data.make_loader(faces_all, config["batch_size"], args.workers, sampler,
+                              drop_last=True, pin_memory=device.type == "cuda")
+    return types.SimpleNamespace(faces=len(faces_all), sampler=sampler, loader=loader,
+                                 steps_per_epoch=len(faces_all) // world // config["batch_size"])
+
+
+def unlabelled_batches(unlabelled, batch_size, step):
+    """The unlabelled batches from global step `step` on, epoch after epoch without end: the
+    position is a function of the step alone, so a resumed run draws the very same batches."""
+    epoch, offset = divmod(step, unlabelled.steps_per_epoch)
+    while True:
+        unlabelled.sampler.set_epoch(epoch, offset * batch_size)
+        yield from unlabelled.loader
+        epoch, offset = epoch + 1, 0
 
 
 @dataclass
@@ -734,9 +768,12 @@ def main(argv=None, on_step=None):
         log(f"{prepared.faces.name} training frames labelled per task: " + ", ".join(
             f"{k} {v}" for k, v in data.task_label_counts(prepared.faces.splits["train"]).items()))
     log(describe_run(config, prepared, trainer, world, out))
+    if prepared.unlabelled is not None:
+        log(f"semi-supervised: the pretext task also on {prepared.unlabelled.faces} training faces "
+            f"without their labels, a batch of {config['batch_size']} beside each labelled one")
     run = Run(trainer, config, args, seed, out, prepared.faces, data_root, prepared.loader,
               prepared.sampler, prepared.steps_per_epoch, prepared.val_split,
-              prepared.num_classes, rank, log, on_step)
+              prepared.num_classes, rank, log, on_step, prepared.unlabelled)
     stop = StopFlag()
     with stop_signals_call(stop):
         finished = run_epochs(run, progress, stop)
@@ -776,17 +813,19 @@ class Run:
     rank: int = 0
     log: object = print
     on_step: object = None
+    unlabelled: object = None      # semi-supervised: the unlabelled stream (unlabelled_data)
 
     @property
     def total_steps(self):
         return self.steps_per_epoch * self.config["epochs"]
 
 
-def train_step(trainer, batch, sums, skip=False):
+def train_step(trainer, batch, sums, skip=False, unlabelled=None):
     """One optimisation step, queued on the device without waiting for it: no Python branch on
     a device value and no scalar read (a test counts them: 0 per step). A step whose loss is
     not finite (or that `skip` asks to pass over) changes no weight: the fused optimizer skips
-    it on the device, told by `found_inf` as GradScaler tells it, and `sums` counts it there."""
+    it on the device, told by `found_inf` as GradScaler tells it, and `sums` counts it there.
+    `unlabelled`: a batch whose labels are not used, for the pretext task (semi-supervised)."""
     device, task, optimizer = trainer.device, trainer.task, trainer.optimizer
     images = batch["image"].to(device, non_blocking=True)
     landmarks = batch["landmarks"].to(device, non_blocking=True)
@@ -798,8 +837,23 @@ def train_step(trainer, batch, sums, skip=False):
     if task.angles:
         targets["target"] = angles
     images = images.contiguous(memory_format=trainer.memory_format)
+    if unlabelled is not None:
+        extra_landmarks = unlabelled["landmarks"].to(device, non_blocking=True)
+        extra, extra_landmarks, _ = data.augment(unlabelled["image"].to(device, non_blocking=True),
+                                                 trainer.augment, extra_landmarks, None,
+                                                 trainer.augment_rng)
+        unlabelled = (extra.contiguous(memory_format=trainer.memory_format), extra_landmarks,
+                      unlabelled["has_landmarks"].to(device, non_blocking=True))
     with torch.autocast(device.type, dtype=trainer.dtype or torch.float32, enabled=trainer.dtype is not None):
-        parts, _ = trainer.joint(images, targets, landmarks, has_landmarks, trainer.augment_rng)
+        parts, outputs = trainer.joint(images, targets, landmarks, has_landmarks, trainer.augment_rng,
+                                       unlabelled)
+    if outputs is not None and task.class_logits is not None:
+        # what the task head learned, from the outputs the step computed: the training
+        # accuracy, beside validation's, shows overfitting (in the shared view the task head
+        # reads the pretext's transformed faces, so it is their accuracy)
+        labels = targets["target"]
+        predicted = task.class_logits(outputs.detach(), trainer.model.num_classes).argmax(1)
+        parts["train_accuracy"] = ((predicted == labels) & (labels >= 0)).sum() / (labels >= 0).sum().clamp(min=1)
     loss = parts["loss"]
     # a NaN on one rank reaches every rank's averaged gradients: all skip
     bad = any_rank(trainer.world, ((~torch.isfinite(loss.detach())) | skip).float())
@@ -908,21 +962,26 @@ def run_epochs(run, progress, stop):
     config, args, trainer = run.config, run.args, run.trainer
     sums, clock = IntervalSums(trainer.device), {"time": None, "step": None}
     skipped_images, last_batch = 0, None
+    extra = unlabelled_batches(run.unlabelled, config["batch_size"], progress.step) \
+        if run.unlabelled is not None else None
     while progress.epoch < config["epochs"]:
         run.sampler.set_epoch(progress.epoch, progress.batches_done * config["batch_size"])
         trainer.model.train()
         interval = {"time": time.perf_counter(), "images": 0, "first": progress.step + 1}
         for batch in run.loader:
-            skipped_images += len(batch["skipped"])
-            for entry in batch["skipped"]:
-                run.log(f"skipped an unreadable image: {entry}")
+            skipped_images += report_skipped(run, batch)
+            steps = "image" in batch or (trainer.world > 1 and last_batch is not None)
+            unlabelled = next(extra) if extra is not None and steps else None
+            if unlabelled is not None:
+                skipped_images += report_skipped(run, unlabelled)
+                unlabelled = unlabelled if "image" in unlabelled else None
             if "image" in batch:
                 last_batch = batch
-                train_step(trainer, batch, sums)
+                train_step(trainer, batch, sums, unlabelled=unlabelled)
             elif trainer.world > 1 and last_batch is not None:
                 # no readable image on this rank: every rank must still take part in the
                 # step's collectives, so it runs the last batch again and the update is skipped
-                train_step(trainer, last_batch, sums, skip=True)
+                train_step(trainer, last_batch, sums, skip=True, unlabelled=unlabelled)
             else:
                 progress.batches_done += 1
                 continue
@@ -952,6 +1011,13 @@ def run_epochs(run, progress, stop):
     if progress.nonfinite:
         run.log(f"{progress.nonfinite} steps had a non-finite loss and were skipped")
     return True
+
+
+def report_skipped(run, batch):
+    """One line per unreadable image of a batch; returns how many there were."""
+    for entry in batch["skipped"]:
+        run.log(f"skipped an unreadable image: {entry}")
+    return len(batch["skipped"])
 
 
 def log_progress(run, progress, sums, interval, clock):
@@ -1024,12 +1090,29 @@ def end_epoch(run, progress):
 
 # ----------------------------------------------------------------------------------------------
 # The paper's comparison in miniature (its tables 2 and 3): SL against SL + puzzling and
-# SL + in-painting, on the whole training set and on a stratified 20 %, over several seeds.
-# Every variant gets the same recipe, budget and seeds; only --ssl and --train-fraction vary.
+# SL + in-painting, on the whole training set and on a stratified 20 %, over several seeds;
+# and, with --variants, the ways to use the faces whose labels the low-data runs leave out:
+# semi-supervised HMTL and pretext-only pre-training then fine-tuning (the paper's section 4
+# comparison). Every variant gets the same recipe, budget and seeds; only its own flags vary.
 
-COMPARE_VARIANTS = {"SL": "none", "puzzle": "puzzle", "in-painting": "inpaint"}
-COMPARE_DATA = {"full": 1.0, "20 %": 0.2}  # the paper's low-data column: 20 % of the labels
+COMPARE_VARIANTS = {  # its folders' prefix: (its name in the table, the flags that make it)
+    "none": ("SL", ["--ssl", "none"]),
+    "puzzle": ("puzzle", ["--ssl", "puzzle"]),
+    "inpaint": ("in-painting", ["--ssl", "inpaint"]),
+    "semi-puzzle": ("semi-supervised puzzle", ["--ssl", "puzzle", "--semi-supervised"]),
+    "semi-inpaint": ("semi-supervised in-painting", ["--ssl", "inpaint", "--semi-supervised"]),
+    # SL from the encoder of a pretext-only run on every training face (labels unused), as
+    # long as the semi-supervised run's pretext task: as many steps (pretraining_flags)
+    "finetune-puzzle": ("puzzle pre-training, fine-tuned", ["--ssl", "none"]),
+    "finetune-inpaint": ("in-painting pre-training, fine-tuned", ["--ssl", "none"]),
+}
+COMPARE_DEFAULT = ("none", "puzzle", "inpaint")
+COMPARE_FRACTIONS = (1.0, 0.2)  # the paper's low-data column: 20 % of the labels
 COMPARE_SEEDS = (0, 1, 2)
+
+
+def fraction_name(fraction):
+    return "full" if fraction == 1 else f"{fraction * 100:g} %"
 
 
 def mean_std(values):
@@ -1039,118 +1122,250 @@ def mean_std(values):
     return mean, std
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One run of the comparison: a variant (COMPARE_VARIANTS key), a fraction, a seed, and
+    where it writes; `pretraining`: the folder of the pretext-only run it starts from."""
+    variant: str
+    fraction: float
+    seed: int
+    folder: str
+    pretraining: str = None
+
+    @property
+    def name(self):
+        return COMPARE_VARIANTS[self.variant][0]
+
+
+def compare_cells(out, variants, fractions, seeds):
+    cells = []
+    for fraction in fractions:
+        for variant in variants:
+            for seed in seeds:
+                pct = f"{fraction * 100:g}pct"
+                pretext = variant.split("-", 1)[1] if variant.startswith("finetune-") else None
+                cells.append(Cell(variant, fraction, seed, os.path.join(out, f"{variant}-{pct}-seed{seed}"),
+                                  pretext and os.path.join(out, f"pretrain-{pretext}-{pct}-seed{seed}")))
+    return cells
+
+
+def with_resume(run_flags, folder):
+    last = os.path.join(folder, "last.pt")
+    return run_flags + (["--resume", last] if os.path.exists(last) else [])
+
+
+def cell_flags(flags, cell):
+    run_flags = [*flags, *COMPARE_VARIANTS[cell.variant][1], "--seed", str(cell.seed),
+                 "--train-fraction", str(cell.fraction), "--out", cell.folder]
+    if cell.pretraining:
+        run_flags += ["--init", os.path.join(cell.pretraining, "last.pt")]
+    return with_resume(run_flags, cell.folder)
+
+
+def pretraining_flags(flags, cell):
+    """The pretext-only run a fine-tuned cell starts from: every training face, labels unused,
+    for as many steps as the cell's recipe takes over its fraction (the budget of the
+    semi-supervised variant's pretext task)."""
+    epochs = resolve_config(parse_args(cell_flags(flags, dataclasses.replace(cell, pretraining=None))))["epochs"]
+    ssl = cell.variant.split("-", 1)[1]
+    return with_resume([*flags, "--ssl", ssl, "--pretrain", "--seed", str(cell.seed), "--train-fraction", "1.0",
+                        "--epochs", str(max(1, round(epochs * cell.fraction))), "--out", cell.pretraining],
+                       cell.pretraining)
+
+
 def compare(argv):
-    """Train every (data, variant, seed) cell with train.py's own main, one after another, and
-    report the held-out test accuracy as mean +- std per cell. Each run's output goes to its own
-    folder (train.log, checkpoints, curves); a finished run is read back instead of retrained,
-    and an interrupted one is resumed, so rerunning the command continues where it stopped."""
+    """Train every (fraction, variant, seed) cell with train.py's own main, one after another,
+    and report the held-out test accuracy as mean +- std per cell, with what each run learned.
+    Each run's output goes to its own folder (train.log, checkpoints, curves); a finished run
+    is read back instead of retrained, and an interrupted one is resumed, so rerunning the
+    command continues where it stopped."""
     args = parse_args(argv)
     given = list(argv if argv is not None else sys.argv[1:])
     flags = []  # the flags every run gets: all but the comparison's own (--compare, --out, ...)
     own = ("--out", "--jobs", "--minutes")
+    listed = ("--variants", "--fractions", "--seeds")
     while given:
         flag = given.pop(0)
         if flag in own:
             given.pop(0)
+        elif flag in listed:
+            while given and not given[0].startswith("--"):
+                given.pop(0)
         elif flag != "--compare" and not flag.startswith(tuple(f + "=" for f in own)):
             flags.append(flag)
-    for fixed in ("--ssl", "--seed", "--train-fraction", "--resume", "--recipe"):
+    for fixed in ("--ssl", "--seed", "--train-fraction", "--resume", "--recipe", "--semi-supervised",
+                  "--pretrain", "--init"):
         if any(a == fixed or a.startswith(fixed + "=") for a in flags):
             raise RunError(f"--compare sets {fixed} itself; leave it out")
+    unknown = sorted(set(args.variants) - set(COMPARE_VARIANTS))
+    if unknown:
+        raise RunError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(COMPARE_VARIANTS)}")
     out = args.out or os.path.join("runs", f"{args.dataset or 'demo'}-compare")
     os.makedirs(out, exist_ok=True)
-    cells = [(name, variant, fraction, seed) for name, fraction in COMPARE_DATA.items()
-             for variant in COMPARE_VARIANTS for seed in COMPARE_SEEDS]
+    cells = compare_cells(out, args.variants, args.fractions, args.seeds)
     runs, started = [], time.perf_counter()
-    print(f"comparing {', '.join(COMPARE_VARIANTS)} on {' and '.join(COMPARE_DATA)} of the "
-          f"training set, seeds {', '.join(map(str, COMPARE_SEEDS))}: {len(cells)} runs into {out}",
-          flush=True)
-    def cell_flags(variant, fraction, seed, folder):
-        run_flags = [*flags, "--ssl", COMPARE_VARIANTS[variant], "--seed", str(seed),
-                     "--train-fraction", str(fraction), "--out", folder]
-        last = os.path.join(folder, "last.pt")
-        return run_flags + (["--resume", last] if os.path.exists(last) else [])
-
-    folders = [os.path.join(out, f"{COMPARE_VARIANTS[v]}-{int(f * 100)}pct-seed{s}") for _, v, f, s in cells]
-    for (_, variant, fraction, seed), folder in zip(cells, folders):
-        check_same_settings(folder, resolve_config(parse_args(cell_flags(variant, fraction, seed, folder))), seed)
+    print(f"comparing {', '.join(COMPARE_VARIANTS[v][0] for v in args.variants)} on "
+          f"{' and '.join(map(fraction_name, args.fractions))} of the training set, seeds "
+          f"{', '.join(map(str, args.seeds))}: {len(cells)} runs into {out}", flush=True)
+    for cell in cells:
+        check_same_settings(cell.folder, resolve_config(parse_args(cell_flags(flags, cell))), cell.seed)
+        if cell.pretraining:
+            check_same_settings(cell.pretraining, resolve_config(parse_args(pretraining_flags(flags, cell))),
+                                cell.seed)
     deadline = None if args.minutes is None else time.time() + 60 * args.minutes
     if args.jobs > 1:  # the unfinished cells in parallel processes, then the table as below
-        todo = sorted([(cell, folder) for cell, folder in zip(cells, folders) if final_test(folder) is None],
-                      key=lambda job: (job[0][2], job[0][3]))  # low data, then seed by seed: soonest useful
-        print(f"{len(todo)} runs to train, {args.jobs} at a time", flush=True)
-        run_processes([([sys.executable, os.path.abspath(__file__), *cell_flags(v, f, s, folder)], folder)
-                       for (_, v, f, s), folder in todo], args.jobs, deadline)
+        todo = sorted([cell for cell in cells if final_test(cell.folder) is None],
+                      key=lambda cell: (cell.fraction, cell.seed))  # low data, then seed by seed: soonest useful
+        pretraining = list({cell.pretraining: cell for cell in todo
+                            if cell.pretraining and not training_done(cell.pretraining)}.values())
+        print(f"{len(todo)} runs to train ({len(pretraining)} pre-training runs first), {args.jobs} at a time",
+              flush=True)
+        command = [sys.executable, os.path.abspath(__file__)]
+        # the pre-training runs first, beside the cells that need none; then the fine-tuning
+        run_processes([([*command, *pretraining_flags(flags, cell)], cell.pretraining) for cell in pretraining]
+                      + [([*command, *cell_flags(flags, cell)], cell.folder) for cell in todo
+                         if not cell.pretraining], args.jobs, deadline)
+        run_processes([([*command, *cell_flags(flags, cell)], cell.folder) for cell in todo
+                       if cell.pretraining and training_done(cell.pretraining)], args.jobs, deadline)
     stopped = False
-    for k, ((name, variant, fraction, seed), folder) in enumerate(zip(cells, folders), 1):
-        result = final_test(folder)
+    for k, cell in enumerate(cells, 1):
+        result = final_test(cell.folder)
         began, reused = time.perf_counter(), result is not None
         if result is None and args.jobs == 1 and not stopped and (deadline is None or time.time() < deadline):
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, "train.log"), "a") as log_file, \
-                    contextlib.redirect_stdout(log_file):
-                main(cell_flags(variant, fraction, seed, folder))
-            result = final_test(folder)
+            if cell.pretraining and not training_done(cell.pretraining):
+                train_in_folder(pretraining_flags(flags, cell), cell.pretraining)
+            if not cell.pretraining or training_done(cell.pretraining):
+                train_in_folder(cell_flags(flags, cell), cell.folder)
+            result = final_test(cell.folder)
             stopped = result is None  # Ctrl-C / SIGTERM: it saved last.pt; train no further
         if result is None:  # reported as missing: the table holds what has finished
             continue
-        runs.append({"data": name, "variant": variant, "seed": seed, "fraction": fraction,
-                     "accuracy": result["accuracy"], "macro_f1": result.get("macro_f1"),
+        runs.append({"data": fraction_name(cell.fraction), "variant": cell.name, "seed": cell.seed,
+                     "fraction": cell.fraction, "accuracy": result["accuracy"],
+                     "macro_f1": result.get("macro_f1"),
                      "seconds": None if reused else round(time.perf_counter() - began, 1),
-                     "folder": folder})
+                     "folder": cell.folder, **run_diagnostics(cell.folder, cell.pretraining)})
         elapsed = time.perf_counter() - started
         took = "finished earlier" if reused else format_duration(runs[-1]["seconds"])
-        print(f"[{k}/{len(cells)}] {name:>5} {variant:<12} seed {seed}: test accuracy "
-              f"{result['accuracy']:.4f} ({took}; {format_duration(elapsed)} so far)", flush=True)
-    return compare_report(runs, folders, out, flags, args.dataset or "demo")
+        print(f"[{k}/{len(cells)}] {fraction_name(cell.fraction):>5} {cell.name:<12} seed {cell.seed}: test "
+              f"accuracy {result['accuracy']:.4f} ({took}; {format_duration(elapsed)} so far)", flush=True)
+    return compare_report(runs, cells, out, flags, args.dataset or "demo")
 
 
-def compare_report(runs, folders, out, flags, dataset):
+def train_in_folder(run_flags, folder):
+    """One run of the comparison, in this process, its output appended to folder/train.log."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "train.log"), "a") as log_file, contextlib.redirect_stdout(log_file):
+        main(run_flags)
+
+
+PRETEXT_SCORES = {"positions_right": "positions right", "l1_vs_fill": "L1 / fill's L1"}
+
+
+def run_diagnostics(folder, pretraining=None):
+    """What a finished run learned, from its metrics.jsonl: the training accuracy of its last
+    epoch, its best validation accuracy and that epoch, the last epoch's validation accuracy,
+    and the pretext's score in the last epoch (the pre-training run's, for a fine-tuned one)."""
+    def entries(path, kind):
+        if not path or not os.path.exists(os.path.join(path, "metrics.jsonl")):
+            return []
+        with open(os.path.join(path, "metrics.jsonl")) as f:  # a resumed epoch: its last entry
+            return list({e["epoch"]: e for e in map(json.loads, f) if e.get("kind") == kind}.values())
+
+    epochs, vals = entries(folder, "epoch"), entries(folder, "val")
+    pretext_epochs = entries(pretraining, "epoch") if pretraining else epochs
+    found = {}
+    if epochs and "train_accuracy" in epochs[-1]:
+        found["train_accuracy"] = epochs[-1]["train_accuracy"]
+    if vals and "accuracy" in vals[-1]:
+        best = max(vals, key=lambda e: e["accuracy"])
+        found.update(val_best=best["accuracy"], val_best_epoch=best["epoch"], val_last=vals[-1]["accuracy"],
+                     epochs=vals[-1]["epoch"])
+    for key in PRETEXT_SCORES:
+        if pretext_epochs and key in pretext_epochs[-1]:
+            found["pretext_score"], found["pretext_metric"] = pretext_epochs[-1][key], key
+    return found
+
+
+def training_done(folder):
+    """Whether the run in `folder` trained all its epochs (a pre-training run has no test)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        epochs = json.load(f)["epochs"]
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return any(e.get("kind") == "epoch" and e["epoch"] >= epochs for e in map(json.loads, f))
+
+
+def compare_report(runs, cells, out, flags, dataset):
     """The comparison's table (accuracy and macro-F1, mean +- std over the finished seeds of
-    each cell; the cells not finished yet are named), printed and written as compare.json and
-    compare.png."""
-    def table_of(metric):  # the cells with at least one finished seed
-        values = {(name, variant): [r[metric] for r in runs if r["data"] == name and r["variant"] == variant]
-                  for name in COMPARE_DATA for variant in COMPARE_VARIANTS}
-        return {name: {variant: mean_std(values[name, variant]) for variant in COMPARE_VARIANTS
-                       if values[name, variant]} for name in COMPARE_DATA}
+    each cell; the cells not finished yet are named) and what the runs learned, printed and
+    written as compare.json and compare.png."""
+    fractions = list(dict.fromkeys(fraction_name(c.fraction) for c in cells))
+    variants = list(dict.fromkeys(c.name for c in cells))
+    seeds = sorted({c.seed for c in cells})
+    chosen = {(name, variant): [r for r in runs if r["data"] == name and r["variant"] == variant]
+              for name in fractions for variant in variants}
 
-    seeds_done = {name: {variant: sum(r["data"] == name and r["variant"] == variant for r in runs)
-                         for variant in COMPARE_VARIANTS} for name in COMPARE_DATA}
+    def table_of(metric):  # the cells with at least one finished seed that has it
+        return {name: {variant: mean_std([r[metric] for r in chosen[name, variant]]) for variant in variants
+                       if chosen[name, variant] and all(r.get(metric) is not None for r in chosen[name, variant])}
+                for name in fractions}
+
+    seeds_done = {name: {variant: len(chosen[name, variant]) for variant in variants} for name in fractions}
     table = table_of("accuracy")
     f1_table = table_of("macro_f1") if all(r["macro_f1"] is not None for r in runs) else None
 
-    def cell(shown, name, variant):
+    def cell_text(shown, name, variant, digits=4):
         if variant not in shown[name]:
             return "not run"
-        (mean, std), seeds = shown[name][variant], seeds_done[name][variant]
-        return f"{mean:.4f} +- {std:.4f}" + ("" if seeds == len(COMPARE_SEEDS) else f" ({seeds} seeds)")
+        (mean, std), done = shown[name][variant], seeds_done[name][variant]
+        return f"{mean:.{digits}f} +- {std:.{digits}f}" + ("" if done == len(seeds) else f" ({done} seeds)")
 
-    width = max(map(len, COMPARE_VARIANTS))
+    width = max(map(len, variants))
     for title, shown in (("accuracy", table), ("macro-F1", f1_table)):
         if shown is None:
             continue
-        print(f"\ntest {title}, mean +- std over seeds {', '.join(map(str, COMPARE_SEEDS))}")
-        print(" " * (width + 2) + "".join(f"{name:>28}" for name in COMPARE_DATA))
-        for variant in COMPARE_VARIANTS:
-            print(f"  {variant:<{width}}" + "".join(f"{cell(shown, name, variant):>28}"
-                                                     for name in COMPARE_DATA))
+        print(f"\ntest {title}, mean +- std over seeds {', '.join(map(str, seeds))}")
+        print(" " * (width + 2) + "".join(f"{name:>28}" for name in fractions))
+        for variant in variants:
+            print(f"  {variant:<{width}}" + "".join(f"{cell_text(shown, name, variant):>28}" for name in fractions))
+    learned = {key: table_of(key) for key in ("train_accuracy", "val_best", "val_last", "pretext_score")}
+    print("\nwhat the runs learned, mean over the finished seeds: training accuracy (last epoch; "
+          "the pretext-transformed faces in the shared view), validation accuracy best and last, "
+          "the pretext's score (last epoch; puzzle: positions right, chance 1/g^2; in-painting: "
+          "L1 / the fill's L1, 1 = nothing learned)")
+    for name in fractions:
+        for variant in variants:
+            if not chosen[name, variant]:
+                continue
+            parts = [f"{label} {learned[key][name][variant][0]:.3f}" for key, label in (
+                ("train_accuracy", "train"), ("val_best", "val best"), ("val_last", "val last"),
+                ("pretext_score", "pretext")) if variant in learned[key][name]]
+            epochs = [r["val_best_epoch"] for r in chosen[name, variant] if "val_best_epoch" in r]
+            if epochs:
+                parts.append(f"best epochs {'/'.join(map(str, epochs))} of {chosen[name, variant][0]['epochs']}")
+            print(f"  {name:>5} {variant:<{width}}  " + ", ".join(parts))
+    folders = [c.folder for c in cells]
     trained_with = sorted({f"torch {r['torch']} on {r['device_name']}" for r in map(run_info, folders)
                            if r.get("torch")})  # the runs' own, which may be another machine's
-    summary = {"torch": torch.__version__, "trained_with": trained_with, "flags": flags,
-               "seeds": list(COMPARE_SEEDS),
-               "data": COMPARE_DATA, "variants": COMPARE_VARIANTS, "runs": runs,
-               "table": {name: {variant: {"mean": m, "std": s, "seeds": seeds_done[name][variant]}
-                                for variant, (m, s) in row.items()} for name, row in table.items()},
-               "table_macro_f1": f1_table and {
-                   name: {variant: {"mean": m, "std": s, "seeds": seeds_done[name][variant]}
-                          for variant, (m, s) in row.items()} for name, row in f1_table.items()},
+
+    def as_json(shown):
+        return shown and {name: {variant: {"mean": m, "std": s, "seeds": seeds_done[name][variant]}
+                                 for variant, (m, s) in row.items()} for name, row in shown.items()}
+
+    summary = {"torch": torch.__version__, "trained_with": trained_with, "flags": flags, "seeds": seeds,
+               "data": {fraction_name(c.fraction): c.fraction for c in cells},
+               "variants": {c.name: c.variant for c in cells}, "runs": runs,
+               "table": as_json(table), "table_macro_f1": as_json(f1_table),
+               "learned": {key: as_json(shown) for key, shown in learned.items()},
                "unfinished": [folder for folder in folders if final_test(folder) is None]}
     with open(os.path.join(out, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)
     evaluation.bars_png(table, os.path.join(out, "compare.png"),
                         f"{dataset}: test accuracy, mean +- std over "
-                        f"{len(COMPARE_SEEDS)} seeds ({'; '.join(trained_with) or 'torch ' + torch.__version__})")
+                        f"{len(seeds)} seeds ({'; '.join(trained_with) or 'torch ' + torch.__version__})")
     print(f"wrote {os.path.join(out, 'compare.json')} and compare.png", flush=True)
     if summary["unfinished"]:
         print(f"{len(summary['unfinished'])} of {len(folders)} runs not finished (the table holds "
