@@ -225,7 +225,7 @@ def bars_png(groups, path, title, ylabel="accuracy", bar=46, height=300):
     names = list(dict.fromkeys(b for bars in groups.values() for b in bars))
     group_width = bar * len(names) + 40
     width = 70 + group_width * len(groups)
-    image = Image.new("RGB", (max(width, 380), height + 90), "white")
+    image = Image.new("RGB", (max(width, 380), height + 80 + 14 * len(names)), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 8), title, fill="black")
     top, bottom, left = 40, 40 + height, 60
@@ -239,7 +239,7 @@ def bars_png(groups, path, title, ylabel="accuracy", bar=46, height=300):
     draw.text((4, top - 20), ylabel, fill="black")
     for g, (group, bars) in enumerate(groups.items()):
         x = left + 20 + g * group_width
-        draw.text((x, bottom + 24), group, fill="black")
+        draw.text((x, bottom + 6), group, fill="black")
         for k, name in enumerate(names):
             if name not in bars:
                 continue
@@ -252,7 +252,9 @@ def bars_png(groups, path, title, ylabel="accuracy", bar=46, height=300):
                 draw.line([centre - 6, y, centre + 6, y], fill="black", width=2)
             draw.line([centre, y_of(mean - std), centre, y_of(mean + std)], fill="black", width=2)
             draw.text((bx, y_of(mean + std) - 14), f"{mean:.3f}", fill="black")
-            draw.text((bx, bottom + 6), name, fill=colour)
+    for k, name in enumerate(names):  # the legend: long variant names would overlap under the bars
+        draw.rectangle([left, bottom + 30 + 14 * k, left + 10, bottom + 40 + 14 * k], fill=COLOURS[k % len(COLOURS)])
+        draw.text((left + 16, bottom + 28 + 14 * k), name, fill="black")
     image.save(path)
     return path
 

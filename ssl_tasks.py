@@ -7,6 +7,8 @@ per-sample Python loop, nothing in the data loader.
 Each pretext task is one module that the HMTL model is built from, with two methods:
   transform(images, landmarks, has_landmarks, generator) -> (transformed images, its target)
   loss(feature_map, images, target, encoder)             -> (loss, parts to log)
+The parts include the task's own score, to see whether it is learned: the puzzle's
+"positions_right" (chance 1/g^2), in-painting's "l1_vs_fill" (1.0: no better than the blank).
 
     Puzzle   shuffle the tiles of a g x g grid; predict where each tile came from
     Inpaint  blank out two facial parts; reconstruct them (masked L1 + perceptual loss)

@@ -2240,6 +2240,25 @@ def test_batchnorm_reestimation_takes_the_clean_training_faces_statistics(tiny_d
     assert metrics["bn_reestimated_on"] == 32 and "accuracy" in metrics["before_bn_reestimation"]
 
 
+def test_reestimating_batchnorm_before_validation_leaves_training_alone(tiny_demo, tmp_path):
+    """train.py --reestimate-bn: the weights train exactly as without it (training normalises
+    with batch statistics), and the checkpoints hold the statistics of the clean training faces:
+    those eval.reestimate_batchnorm computes on the plain run's weights."""
+    flags = ["--ssl", "puzzle", "--view", "shared", "--epochs", "2", "--no-eval"]
+    run_train(tiny_demo, tmp_path / "plain", *flags)
+    run_train(tiny_demo, tmp_path / "clean", *flags, "--reestimate-bn")
+    plain, clean = weights_of(tmp_path / "plain" / "last.pt"), weights_of(tmp_path / "clean" / "last.pt")
+    statistics = [k for k in plain if k.startswith("encoder.") and ("running" in k or "batches" in k)]
+    assert statistics and all(torch.equal(plain[k], clean[k]) for k in plain if k not in statistics)
+    model, config = evaluation.load_checkpoint(str(tmp_path / "plain" / "last.pt"))
+    evaluation.reestimate_batchnorm(model, config, data.load("demo", tiny_demo), tiny_demo, torch.device("cpu"),
+                                    config["batch_size"])  # the variances are averaged per batch
+    expected = model.state_dict()
+    assert any(not torch.equal(plain[k], clean[k]) for k in statistics)
+    for key in statistics:
+        assert torch.allclose(clean[key].float(), expected[key].float(), atol=1e-5), key
+
+
 def test_train_fraction_and_oversampling(tiny_demo, tmp_path, capsys):
     run_train(tiny_demo, tmp_path / "low", "--train-fraction", "0.5", "--imbalance", "oversample",
               "--max-steps", "1", "--no-eval")
@@ -2389,23 +2408,27 @@ def test_gpu_benchmarks_run():
 
 
 def test_curves_and_bars_are_drawn_where_the_values_say(tmp_path):
-    entries = [{"kind": "epoch", "epoch": e, "step": 10 * e, "loss": 3.0 - e, "task": 2.0 - 0.5 * e}
-               for e in (1, 2, 3)]
+    learned = lambda e: {"train_accuracy": 0.3 * e, "positions_right": 0.1 + 0.05 * e}
+    entries = [{"kind": "epoch", "epoch": e, "step": 10 * e, "loss": 3.0 - e, "task": 2.0 - 0.5 * e,
+                **learned(e)} for e in (1, 2, 3)]
     entries += [{"kind": "val", "epoch": e, "split": "val", "accuracy": 0.2 * e, "macro_f1": 0.1 * e}
                 for e in (1, 2, 3)]
-    entries.append({"kind": "epoch", "epoch": 3, "step": 30, "loss": 0.5, "task": 0.4})  # resumed
+    entries.append({"kind": "epoch", "epoch": 3, "step": 30, "loss": 0.5, "task": 0.4, **learned(3)})  # resumed
     image = np.asarray(Image.open(evaluation.curves_png(entries, tmp_path / "curves.png")))
     coloured = lambda region: ((region.max(-1).astype(int) - region.min(-1)) > 60).sum()
+    drawn = lambda panel, colour: (np.abs(panel.astype(int) - colour).sum(-1) < 30).sum() > 50
     losses, metrics = image[30:230], image[270:470]
-    for panel in (losses, metrics):  # two lines each, in their own colours
-        for colour in evaluation.COLOURS[:2]:
-            assert (np.abs(panel.astype(int) - colour).sum(-1) < 30).sum() > 50
+    # the losses alone above; validation, the training accuracy and the pretext's score below
+    assert [drawn(losses, c) for c in evaluation.COLOURS[:4]] == [True, True, False, False]
+    assert [drawn(metrics, c) for c in evaluation.COLOURS[:4]] == [True] * 4
     groups = {"full": {"SL": (0.5, 0.0), "HMTL": (0.8, 0.1)}, "20 %": {"SL": (0.25, 0.05)}}
     bars = np.asarray(Image.open(evaluation.bars_png(groups, tmp_path / "bars.png", "t", height=300)))
     bottom, x = 40 + 300, 60 + 20 + 10  # first group's first bar (SL, 0.5)
     assert coloured(bars[bottom - 140:bottom - 10, x:x + 1]) == 130  # filled up to 0.5 ...
     assert coloured(bars[bottom - 200:bottom - 160, x:x + 1]) == 0   # ... and no higher
     assert coloured(bars[bottom - 230:bottom - 10, x + 46:x + 47]) == 220  # HMTL to 0.8
+    for k in range(2):  # a legend swatch per variant, in its bar's colour, below the groups
+        assert tuple(bars[bottom + 35 + 14 * k, 65]) == evaluation.COLOURS[k]
 
 
 @slow

@@ -54,12 +54,15 @@ DEFAULTS = dict(
     optimizer="adamw", augment="weak", imbalance="weights", train_fraction=1.0,
     label_smoothing=0.0, pose_alpha=0.001, dropout=None, stochastic_depth=None,
     head="linear", node_vectors=None, gcn_lr_scale=0.01, mtl_weights=[1.0, 1.0, 1.0],
-    tf_variant=False, memory_efficient=False, semi_supervised=False,
+    tf_variant=False, memory_efficient=False, semi_supervised=False, reestimate_bn=False,
 )
 # mtl_weights: the weights of the MTL loss's terms, in tasks.MTL_TERMS order (va, expression, au).
 # memory_efficient: recompute the activations in the backward pass (less memory, a little slower).
 # semi_supervised: with a train_fraction below 1, the pretext task also runs on an unlabelled
 # batch from all the training faces, beside every labelled batch (README, "Semi-supervised HMTL").
+# reestimate_bn: before each validation, the encoder's BatchNorm statistics are re-estimated on
+# the clean training faces (eval.reestimate_batchnorm): training normalised pretext-transformed
+# faces, the test sees clean ones. Training itself is unchanged (it uses batch statistics).
 # gcn_lr_scale: the GCN head's weights are a product, W = A·LeakyReLU(A·E·W1)·W2. Adam moves
 # every factor by ~lr per step, so W moves far faster than a linear head's weights would (up
 # to the 512-wide inner dimension times), and the expressions learn slowly. Measured on the
@@ -192,6 +195,10 @@ def parse_args(argv=None):
                    help="keep less activation memory (BN+SiLU recomputed in backward; slower)")
     g.add_argument("--pretrain", action="store_true",
                    help="pretext-only pre-training (no labels): task weight 0")
+    g.add_argument("--reestimate-bn", action="store_true", default=None,
+                   help="re-estimate the BatchNorm statistics on the clean training faces before "
+                        "each validation (so in best.pt): the pretext views train them on "
+                        "transformed faces")
     g.add_argument("--semi-supervised", action="store_true", default=None,
                    help="with --train-fraction: the pretext task on every training face, the "
                         "task on the labelled fraction (each step a labelled and an unlabelled "
@@ -1067,6 +1074,9 @@ def end_epoch(run, progress):
     if args.max_steps and progress.step >= args.max_steps:
         progress.epoch = run.config["epochs"]  # a smoke run ends here, checkpointed and evaluated
     per_rank = random_states(run.trainer)
+    if run.config["reestimate_bn"]:  # every rank alike (each over all faces): no exchange needed
+        evaluation.reestimate_batchnorm(run.trainer.model, run.config, run.faces, run.data_root,
+                                        run.trainer.device, run.config["batch_size"], args.workers)
     if run.val_split:
         metrics = evaluation.evaluate(run.trainer.model, run.config, run.faces, run.val_split,
                                       run.data_root, run.trainer.device, run.config["batch_size"],
