@@ -253,7 +253,8 @@ def bars_png(groups, path, title, ylabel="accuracy", bar=46, height=300):
             draw.line([centre, y_of(mean - std), centre, y_of(mean + std)], fill="black", width=2)
             draw.text((bx, y_of(mean + std) - 14), f"{mean:.3f}", fill="black")
     for k, name in enumerate(names):  # the legend: long variant names would overlap under the bars
-        draw.rectangle([left, bottom + 30 + 14 * k, left + 10, bottom + 40 + 14 * k], fill=COLOURS[k % len(COLOURS)])
+        draw.rectangle([left, bottom + 30 + 14 * k, left + 10, bottom + 40 + 14 * k],
+                       fill=COLOURS[k % len(COLOURS)])
         draw.text((left + 16, bottom + 28 + 14 * k), name, fill="black")
     image.save(path)
     return path

@@ -2309,23 +2309,26 @@ class HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
     ("--ssl", "none"), ("--ssl", "puzzle"), ("--ssl", "inpaint", "--augment", "weak"),
     ("--task", "expr_va", "--augment", "strong"), ("--task", "va"),
     ("--task", "expr_va", "--head", "gcn", "--ssl", "inpaint"), ("--task", "mtl", "--ssl", "inpaint"),
-    ("--ssl", "puzzle", "--optimizer", "sgd")], ids=" ".join)
+    ("--ssl", "puzzle", "--optimizer", "sgd"),
+    ("--ssl", "inpaint", "--train-fraction", "0.5", "--semi-supervised")], ids=" ".join)
 def test_a_training_step_never_waits_for_the_device(tiny_demo, flags):
     """0 host-device synchronisations per steady-state training step, for every task
     and pretext (fused optimizer, as on CUDA; the loss parts stay on the device until a log
-    step reads them)."""
+    step reads them), semi-supervised steps and their unlabelled batch included."""
     args = train.parse_args(["--dataset", "demo", "--data-root", tiny_demo, *TINY, *flags])
     config = train.resolve_config(args)
     prepared = train.build_data(config, args, tiny_demo, seed=0)
     trainer, _, _ = train.build_model(config, args, prepared, log=lambda line: None)
     sums = train.IntervalSums(trainer.device)
     batches = [batch for _, batch in zip(range(4), itertools.cycle(prepared.loader))]
+    unlabelled = [batch for _, batch in zip(range(4), itertools.cycle(prepared.unlabelled.loader))] \
+        if prepared.unlabelled else [None] * 4
     trainer.model.train()
-    for batch in batches[:2]:  # the first steps create the optimizer state
-        train.train_step(trainer, batch, sums)
+    for batch, extra in zip(batches[:2], unlabelled):  # the first steps create the optimizer state
+        train.train_step(trainer, batch, sums, unlabelled=extra)
     with HostSyncCounter() as counter:
-        for batch in batches[2:]:
-            train.train_step(trainer, batch, sums)
+        for batch, extra in zip(batches[2:], unlabelled[2:]):
+            train.train_step(trainer, batch, sums, unlabelled=extra)
     assert counter.counts == Counter()
     sums = sums.read()
     assert sums["steps"] == 4 and sums["skipped"] == 0 and math.isfinite(sums["loss"])
@@ -2471,6 +2474,7 @@ def test_compare_runs_every_cell_reports_and_continues_where_it_stopped(tiny_dem
 # deterministic on one machine; another CPU may round differently, so each pin holds the
 # figure within a tolerance on both sides: a pin, not a floor.
 DEMO_SEED0 = {"none": 0.9450, "puzzle": 0.9537, "inpaint": 0.9400}     # full training set
+DEMO_PRETEXT_SEED0 = {"puzzle": ("positions_right", 0.17), "inpaint": ("l1_vs_fill", 0.47)}  # last epoch
 DEMO_20PCT_SEED0 = {"none": 0.5875, "puzzle": 0.6587, "inpaint": 0.6550}  # 20 % (--compare cell)
 DEMO_MTL_SEED0 = 2.7125                                                  # P_MTL, --ssl inpaint
 FROZEN_HEADS_SEED0 = {"linear": 2.710, "mlp 256": 2.713}                 # mean of 3 head seeds
@@ -2505,6 +2509,13 @@ def test_the_demo_reaches_the_figures_the_readme_states(ssl, demo_run):
     assert test["split"] == "test" and test["samples"] == 800
     assert abs(test["accuracy"] - DEMO_SEED0[ssl]) <= 0.01, test
     assert (out / "curves.png").exists()
+    # what it learned (the README's figures, seed 0): the task on its training faces, and the
+    # pretext task well above chance (puzzle 1/9) and below the fill's error (in-painting 1.0)
+    last = [e for e in entries if e["kind"] == "epoch"][-1]
+    assert last["train_accuracy"] > 0.95, last
+    if ssl in DEMO_PRETEXT_SEED0:
+        key, stated = DEMO_PRETEXT_SEED0[ssl]
+        assert abs(last[key] - stated) <= 0.03, last
 
 
 @slow
