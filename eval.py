@@ -188,9 +188,10 @@ def line_panel(draw, box, series, title):
         draw.text((left + 8 + 110 * (k % 4), y0 + 6 + 14 * (k // 4)), name, fill=colour)
 
 
-# what a training step logs of what it learned, and its name on the curves
-LEARNED_SCORES = {"train_accuracy": "train accuracy", "positions_right": "puzzle right",
-                  "l1_vs_fill": "L1 / fill's L1"}
+# what a training step logs of what it learned, and its name on the curves: the pretext's own
+# score (ssl_tasks), and the task's training accuracy
+PRETEXT_SCORES = {"positions_right": "puzzle right", "l1_vs_fill": "L1 / fill's L1"}
+LEARNED_SCORES = {"train_accuracy": "train accuracy", **PRETEXT_SCORES}
 
 
 def curves_png(entries, path, width=720, panel=220):

@@ -360,8 +360,7 @@ class Inpaint(nn.Module):
                                              self.perceptual_net(encoder), self.perceptual_weight)
         # the pretext's own score, to see whether it is learned: the masked L1 against that of
         # leaving the fill in place (1.0: no better than the blank; 0: perfect)
-        filled = mask_images(images.float(), mask, self.mask_fill)
-        fill_l1 = ((filled - images.float()).abs() * mask).sum() / (mask.sum() * images.shape[1]).clamp(min=1)
+        _, fill_l1, _ = inpaint_loss(mask_images(images, mask, self.mask_fill), images, mask)
         return total, {"l1": l1.detach(), "perceptual": perceptual.detach(),
                        "l1_vs_fill": (l1 / fill_l1.clamp(min=1e-6)).detach()}
 

@@ -1164,6 +1164,11 @@ class Cell:
     def name(self):
         return COMPARE_VARIANTS[self.variant][0]
 
+    @property
+    def pretext(self):
+        """The pretext task of a fine-tuned cell's pre-training (finetune-<ssl>), else None."""
+        return self.variant.split("-", 1)[1] if self.variant.startswith("finetune-") else None
+
 
 def compare_cells(out, variants, fractions, seeds):
     cells = []
@@ -1171,9 +1176,9 @@ def compare_cells(out, variants, fractions, seeds):
         for variant in variants:
             for seed in seeds:
                 pct = f"{fraction * 100:g}pct"
-                pretext = variant.split("-", 1)[1] if variant.startswith("finetune-") else None
-                cells.append(Cell(variant, fraction, seed, os.path.join(out, f"{variant}-{pct}-seed{seed}"),
-                                  pretext and os.path.join(out, f"pretrain-{pretext}-{pct}-seed{seed}")))
+                cell = Cell(variant, fraction, seed, os.path.join(out, f"{variant}-{pct}-seed{seed}"))
+                cells.append(dataclasses.replace(cell, pretraining=cell.pretext and os.path.join(
+                    out, f"pretrain-{cell.pretext}-{pct}-seed{seed}")))
     return cells
 
 
@@ -1196,8 +1201,7 @@ def pretraining_flags(flags, cell):
     semi-supervised variant's pretext task)."""
     finetuning = cell_flags(flags, dataclasses.replace(cell, pretraining=None))
     epochs = resolve_config(parse_args(finetuning))["epochs"]
-    ssl = cell.variant.split("-", 1)[1]
-    return with_resume([*flags, "--ssl", ssl, "--pretrain", "--seed", str(cell.seed),
+    return with_resume([*flags, "--ssl", cell.pretext, "--pretrain", "--seed", str(cell.seed),
                         "--train-fraction", "1.0", "--epochs", str(max(1, round(epochs * cell.fraction))),
                         "--out", cell.pretraining], cell.pretraining)
 
@@ -1290,21 +1294,12 @@ def train_in_folder(run_flags, folder):
         main(run_flags)
 
 
-PRETEXT_SCORES = {"positions_right": "positions right", "l1_vs_fill": "L1 / fill's L1"}
-
-
 def run_diagnostics(folder, pretraining=None):
     """What a finished run learned, from its metrics.jsonl: the training accuracy of its last
     epoch, its best validation accuracy and that epoch, the last epoch's validation accuracy,
     and the pretext's score in the last epoch (the pre-training run's, for a fine-tuned one)."""
-    def entries(path, kind):
-        if not path or not os.path.exists(os.path.join(path, "metrics.jsonl")):
-            return []
-        with open(os.path.join(path, "metrics.jsonl")) as f:  # a resumed epoch: its last entry
-            return list({e["epoch"]: e for e in map(json.loads, f) if e.get("kind") == kind}.values())
-
-    epochs, vals = entries(folder, "epoch"), entries(folder, "val")
-    pretext_epochs = entries(pretraining, "epoch") if pretraining else epochs
+    epochs, vals = epoch_entries(folder, "epoch"), epoch_entries(folder, "val")
+    pretext_epochs = epoch_entries(pretraining, "epoch") if pretraining else epochs
     found = {}
     if epochs and "train_accuracy" in epochs[-1]:
         found["train_accuracy"] = epochs[-1]["train_accuracy"]
@@ -1312,21 +1307,30 @@ def run_diagnostics(folder, pretraining=None):
         best = max(vals, key=lambda e: e["accuracy"])
         found.update(val_best=best["accuracy"], val_best_epoch=best["epoch"], val_last=vals[-1]["accuracy"],
                      epochs=vals[-1]["epoch"])
-    for key in PRETEXT_SCORES:
+    for key in evaluation.PRETEXT_SCORES:
         if pretext_epochs and key in pretext_epochs[-1]:
             found["pretext_score"], found["pretext_metric"] = pretext_epochs[-1][key], key
     return found
 
 
+def epoch_entries(folder, kind):
+    """A run's metrics.jsonl entries of one kind ("epoch", "val"), one per epoch: a resumed
+    run logs an epoch again, and its last entry counts ([] for no run)."""
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list({e["epoch"]: e for e in map(json.loads, f) if e.get("kind") == kind}.values())
+
+
 def training_done(folder):
     """Whether the run in `folder` trained all its epochs (a pre-training run has no test)."""
     path = os.path.join(folder, "config.json")
-    if not os.path.exists(path) or not os.path.exists(os.path.join(folder, "metrics.jsonl")):
+    if not os.path.exists(path):
         return False
     with open(path) as f:
         epochs = json.load(f)["epochs"]
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return any(e.get("kind") == "epoch" and e["epoch"] >= epochs for e in map(json.loads, f))
+    return any(e["epoch"] >= epochs for e in epoch_entries(folder, "epoch"))
 
 
 def compare_report(runs, cells, out, flags, dataset):
