@@ -1672,6 +1672,20 @@ def test_run_processes_stops_at_the_deadline_and_starts_nothing_after_it(tmp_pat
     assert f"{tmp_path / 'a'}: finished" in out and f"{tmp_path / 'b'}: stopped; it resumes on a rerun" in out
 
 
+def test_run_processes_finishes_the_others_then_fails_with_the_failed_runs_last_line(tmp_path):
+    """A job that fails (a stale cache, a bad flag) does not stop the others, and the command
+    then fails with that run's own error rather than exiting 0 as if only stopped."""
+    fail = "import sys; print('error: the prepared cache is stale', flush=True); sys.exit(1)"
+    finish = ("import json, os, sys; open(os.path.join(sys.argv[1], 'metrics.jsonl'), 'w')"
+              ".write(json.dumps({'kind': 'test', 'accuracy': 1.0}))")
+    jobs = [([sys.executable, "-c", fail], str(tmp_path / "a")),
+            ([sys.executable, "-c", finish, str(tmp_path / "b")], str(tmp_path / "b"))]
+    with pytest.raises(train.RunError, match=r"1 of 2 runs failed; .*a ended with status 1: "
+                                             r"error: the prepared cache is stale$"):
+        train.run_processes(jobs, 1)
+    assert train.final_test(str(tmp_path / "b")) == {"kind": "test", "accuracy": 1.0}
+
+
 @slow
 def test_run_processes_passes_a_group_signal_to_each_job_once(tmp_path):
     """SIGTERM to the whole process group of a comparison (a scheduler's time limit): each job

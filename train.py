@@ -1418,7 +1418,9 @@ def run_processes(jobs, at_once, deadline=None):
     it) and no new one starts. Each job runs in its own session: a signal to the whole process
     group (the shell's Ctrl-C, a scheduler's time limit) reaches a job once, from here, since a
     second one makes a run leave without saving. Returns the folders whose run finished
-    (status 0 and a final test in its metrics)."""
+    (status 0 and a final test in its metrics); a job that failed (any other status) does not
+    stop the others, but once they end it is an error, with the last line its log holds, so a
+    scheduler sees the command fail."""
     import subprocess
     # Each job its share of the cores: torch would give every job all of them, and two runs of
     # two threads each on two cores train 0.8x as many faces per second as two of one thread
@@ -1426,7 +1428,7 @@ def run_processes(jobs, at_once, deadline=None):
     threads = str(max(1, (os.cpu_count() or 1) // at_once))
     environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
     signalled = []
-    waiting, running, done = list(jobs), [], []
+    waiting, running, done, failed = list(jobs), [], [], []
     with stop_signals_call(lambda signum, frame: signalled.append(signum)):
         while waiting or running:
             stopping = bool(signalled) or (deadline is not None and time.time() >= deadline)
@@ -1449,11 +1451,17 @@ def run_processes(jobs, at_once, deadline=None):
                     running.remove(entry)
                     finished = process.returncode == 0 and final_test(folder) is not None
                     done += [folder] if finished else []
+                    failed += [(folder, process.returncode)] if process.returncode != 0 else []
                     print(f"{folder}: " + ("finished" if finished else "stopped; it resumes on a rerun"
                                            if process.returncode == 0 else
                                            f"ended with status {process.returncode} (see its train.log)"),
                           flush=True)
             time.sleep(0.5)
+    if failed:
+        folder, status = failed[0]
+        with open(os.path.join(folder, "train.log")) as log:
+            last = ([line.strip() for line in log if line.strip()] or ["(its log is empty)"])[-1]
+        raise RunError(f"{len(failed)} of {len(jobs)} runs failed; {folder} ended with status {status}: {last}")
     return done
 
 
