@@ -47,22 +47,27 @@ import tasks
 # Running a model over a split.
 
 
+def clean_batches(model, loader, device, skipped):
+    """The loader's batches with their images normalised, on the device, in the memory format of
+    the model's weights (else every convolution converts); the unreadable images' entries are
+    appended to `skipped`, and a batch left with no image is passed over."""
+    memory_format = ssl_tasks.memory_format_of(model.encoder.features[0][0].weight)
+    for batch in loader:
+        skipped += batch["skipped"]
+        if "image" in batch:
+            images = models.normalize(batch["image"].to(device, non_blocking=True))
+            yield images.contiguous(memory_format=memory_format), batch
+
+
 @torch.no_grad()
 def predict_split(model, loader, device, embed=False):
     """Task outputs over a loader on clean (unaugmented) images, with the targets; with
     `embed`, the pooled embedding instead (the encoder's feature, what downstream models train
     on). Returns (outputs, {label key: targets} with every label a batch carries ("target",
-    "va", "au"), skipped). The images take the memory format of the model's weights (else
-    every convolution converts), which stays as it is."""
+    "va", "au"), skipped)."""
     model.eval()
-    memory_format = ssl_tasks.memory_format_of(model.encoder.features[0][0].weight)
     outputs, targets, skipped = [], {}, []
-    for batch in loader:
-        skipped += batch["skipped"]
-        if "image" not in batch:
-            continue
-        images = models.normalize(batch["image"].to(device, non_blocking=True))
-        images = images.contiguous(memory_format=memory_format)
+    for images, batch in clean_batches(model, loader, device, skipped):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if embed:
                 output = model.encoder.pool(model.encoder.forward_features(images))
@@ -194,12 +199,16 @@ PRETEXT_SCORES = {"positions_right": "puzzle right", "l1_vs_fill": "L1 / fill's 
 LEARNED_SCORES = {"train_accuracy": "train accuracy", **PRETEXT_SCORES}
 
 
+def per_epoch(entries, kind):
+    """A run's metrics.jsonl entries of one kind ("epoch", "val"), one per epoch: a resumed run
+    logs an epoch again, and its last entry counts."""
+    return list({e["epoch"]: e for e in entries if e.get("kind") == kind}.values())
+
+
 def curves_png(entries, path, width=720, panel=220):
     """A run at a glance, from its metrics.jsonl entries: the training loss parts (epoch means)
     and the validation metrics per epoch. A diverging run shows as a rising loss line."""
-    # a resumed run logs an epoch again: its last entry counts
-    epochs = list({e["epoch"]: e for e in entries if e.get("kind") == "epoch"}.values())
-    vals = list({e["epoch"]: e for e in entries if e.get("kind") == "val"}.values())
+    epochs, vals = per_epoch(entries, "epoch"), per_epoch(entries, "val")
     losses = {k: [(e["epoch"], e[k]) for e in epochs if k in e]
               for k in dict.fromkeys(k for e in epochs for k in e
                                      if k not in ("kind", "epoch", "step", *LEARNED_SCORES))}
@@ -791,7 +800,8 @@ def reestimate_batchnorm(model, config, faces, data_root, device, batch_size=128
     the run trained on (all of them for a semi-supervised run): no label is read and no weight
     changes. In training, BatchNorm normalised pretext-transformed faces (all of them in the
     shared view, half of each batch in the separate view) and the test sees clean ones; scoring
-    before and after measures what that mismatch costs. Returns the number of faces used."""
+    before and after measures what that mismatch costs. Returns the number of faces used and
+    of those skipped as unreadable."""
     fraction = 1.0 if config.get("semi_supervised") else config.get("train_fraction", 1.0)
     dataset = data.training_faces_used(faces, config["image_size"], data_root, fraction)
     loader = data.make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
@@ -802,21 +812,18 @@ def reestimate_batchnorm(model, config, faces, data_root, device, batch_size=128
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches, not an exponential one
         m.train()
-    memory_format = ssl_tasks.memory_format_of(model.encoder.features[0][0].weight)
-    seen = 0
+    seen, skipped = 0, []
     try:
-        for batch in loader:
-            if "image" in batch:
-                images = models.normalize(batch["image"].to(device, non_blocking=True))
-                model.encoder.forward_features(images.contiguous(memory_format=memory_format))
-                seen += len(images)
+        for images, _ in clean_batches(model, loader, device, skipped):
+            model.encoder.forward_features(images)
+            seen += len(images)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         model.eval()
     if seen == 0:
         raise EvalError("no training face could be read to re-estimate BatchNorm")
-    return seen
+    return seen, len(skipped)
 
 
 def blend(model, config, args, faces, split, device):
@@ -1016,16 +1023,17 @@ def score_command(args):
                             f"({config['dataset']}), not {faces.name}")
         before = evaluate(model, config, faces, split, args.data_root, model_device(model),
                           args.batch_size, args.workers)
-        used = reestimate_batchnorm(model, config, faces, args.data_root, model_device(model),
-                                    args.batch_size, args.workers)
+        used, unreadable = reestimate_batchnorm(model, config, faces, args.data_root, model_device(model),
+                                                args.batch_size, args.workers)
     metrics = evaluate(model, config, faces, split, args.data_root, model_device(model),
                        args.batch_size, args.workers, out)
     if before is not None:
         key = tasks.TASKS[model.task].selection
         metrics["before_bn_reestimation"] = {k: v for k, v in before.items() if isinstance(v, float)}
-        metrics["bn_reestimated_on"] = used
+        metrics["bn_reestimated_on"], metrics["bn_skipped_unreadable"] = used, unreadable
         if not args.json:
-            print(f"BatchNorm statistics re-estimated on {used} clean training faces: score "
+            print(f"BatchNorm statistics re-estimated on {used} clean training faces"
+                  f"{f' ({unreadable} unreadable, skipped)' if unreadable else ''}: score "
                   f"{key(before, faces.name):.4f} before, {key(metrics, faces.name):.4f} after")
     if not args.json:
         if faces.name == "ckplus":

@@ -2240,18 +2240,19 @@ def test_batchnorm_reestimation_takes_the_clean_training_faces_statistics(tiny_d
     stem_norm = model.encoder.features[0][1]
     stem_norm.running_mean.fill_(100.0)
     faces = data.load("demo", tiny_demo)
-    used = evaluation.reestimate_batchnorm(model, config, faces, tiny_demo, torch.device("cpu"), batch_size=8)
+    used, unreadable = evaluation.reestimate_batchnorm(model, config, faces, tiny_demo, torch.device("cpu"),
+                                                       batch_size=8)
     dataset = data.open_split(faces, "train", 32, tiny_demo)
     images = models.normalize(dataset.__getitems__(list(range(len(dataset))))["image"])
     with torch.no_grad():
         expected = model.encoder.features[0][0](images).mean((0, 2, 3))
-    assert used == 32 and torch.allclose(stem_norm.running_mean, expected, atol=1e-4)
+    assert (used, unreadable) == (32, 0) and torch.allclose(stem_norm.running_mean, expected, atol=1e-4)
     assert stem_norm.momentum == 0.1 and not model.training
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     result = evaluation.main(["score", "--checkpoint", str(tmp_path / "best.pt"), "--dataset", "demo",
                               "--data-root", tiny_demo, "--reestimate-bn", "--workers", "0", "--json"])
     metrics = result["metrics"]
-    assert metrics["bn_reestimated_on"] == 32 and "accuracy" in metrics["before_bn_reestimation"]
+    assert (metrics["bn_reestimated_on"], metrics["bn_skipped_unreadable"]) == (32, 0) and "accuracy" in metrics["before_bn_reestimation"]
 
 
 def test_reestimating_batchnorm_before_validation_leaves_training_alone(tiny_demo, tmp_path):
@@ -3213,6 +3214,7 @@ def test_a_model_scores_a_subset_label_set_and_blends_two_checkpoints(tiny_demo,
     faces = data.load("abaw_lsd", str(root))
     loader = evaluation.split_loader(config, faces, "val", str(root), torch.device("cpu"), 64, 0)
     outputs, targets, _ = evaluation.predict_split(model, loader, torch.device("cpu"))
+    assert not outputs.requires_grad  # no autograd graph kept over a whole split
     kept = outputs[:, [6, 5, 4, 1, 2, 3]]  # Anger, Disgust, Fear, Happy, Sad, Surprise
     assert metrics["accuracy"] == pytest.approx(float((kept.argmax(1) == targets["target"]).float().mean()))
     capsys.readouterr()
@@ -3437,6 +3439,24 @@ def test_compare_runs_semi_supervised_and_pretraining_variants(tiny_demo, tmp_pa
         train.compare([*flags, "--variants", "semi-rotation"])
     with pytest.raises(train.RunError, match="--compare sets --init itself"):
         train.compare([*flags, "--init", "imagenet"])
+
+
+def test_fine_tuned_variants_start_from_one_pre_training_run(tmp_path):
+    """finetune-inpaint (SL) and finetune-hmtl-inpaint (HMTL in-painting) start from the same
+    pretext-only run: one folder, one budget, its last.pt as --init; the HMTL one keeps its own
+    recipe (lambda, view), so the pair tells what the joint loss adds to the starting point."""
+    cells = train.compare_cells(str(tmp_path), ["none", "finetune-inpaint", "finetune-hmtl-inpaint"], [0.2], [1])
+    pretraining = tmp_path / "pretrain-inpaint-20pct-seed1"
+    assert [c.pretraining for c in cells] == [None, str(pretraining), str(pretraining)]
+    flags = ["--dataset", "fer2013", "--image-size", "48", "--augment", "none"]
+    assert train.pretraining_flags(flags, cells[1]) == train.pretraining_flags(flags, cells[2])
+    configs = [train.resolve_config(train.parse_args(train.cell_flags(flags, c))) for c in cells]
+    assert [(c["ssl"], c["init"]) for c in configs] == [
+        ("none", "scratch"), ("none", str(pretraining / "last.pt")), ("inpaint", str(pretraining / "last.pt"))]
+    assert (configs[2]["lambda_ssl"], configs[2]["view"]) == (0.3, "separate")
+    pretext_only = train.resolve_config(train.parse_args(train.pretraining_flags(flags, cells[1])))
+    assert (pretext_only["ssl"], pretext_only["task_weight"], pretext_only["train_fraction"],
+            pretext_only["epochs"], pretext_only["augment"]) == ("inpaint", 0.0, 1.0, 4, "none")
 
 
 def test_an_unfinished_comparison_reports_what_has_finished(tmp_path, capsys):

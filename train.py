@@ -1121,18 +1121,23 @@ def end_epoch(run, progress):
 # SL + in-painting, on the whole training set and on a stratified 20 %, over several seeds;
 # and, with --variants, the ways to use the faces whose labels the low-data runs leave out:
 # semi-supervised HMTL and pretext-only pre-training then fine-tuning (the paper's section 4
-# comparison). Every variant gets the same recipe, budget and seeds; only its own flags vary.
+# comparison), with SL or with HMTL. Every variant gets the same recipe, budget and seeds; only its own flags vary.
 
-COMPARE_VARIANTS = {  # its folders' prefix: (its name in the table, the flags that make it)
-    "none": ("SL", ["--ssl", "none"]),
-    "puzzle": ("puzzle", ["--ssl", "puzzle"]),
-    "inpaint": ("in-painting", ["--ssl", "inpaint"]),
-    "semi-puzzle": ("semi-supervised puzzle", ["--ssl", "puzzle", "--semi-supervised"]),
-    "semi-inpaint": ("semi-supervised in-painting", ["--ssl", "inpaint", "--semi-supervised"]),
+COMPARE_VARIANTS = {  # its folders' prefix: (its name in the table, the flags that make it,
+    #                      the pretext task of the pre-training run it starts from, if any)
+    "none": ("SL", ["--ssl", "none"], None),
+    "puzzle": ("puzzle", ["--ssl", "puzzle"], None),
+    "inpaint": ("in-painting", ["--ssl", "inpaint"], None),
+    "semi-puzzle": ("semi-supervised puzzle", ["--ssl", "puzzle", "--semi-supervised"], None),
+    "semi-inpaint": ("semi-supervised in-painting", ["--ssl", "inpaint", "--semi-supervised"], None),
     # SL from the encoder of a pretext-only run on every training face (labels unused), as
     # long as the semi-supervised run's pretext task: as many steps (pretraining_flags)
-    "finetune-puzzle": ("puzzle pre-training, fine-tuned", ["--ssl", "none"]),
-    "finetune-inpaint": ("in-painting pre-training, fine-tuned", ["--ssl", "none"]),
+    "finetune-puzzle": ("puzzle pre-training, fine-tuned", ["--ssl", "none"], "puzzle"),
+    "finetune-inpaint": ("in-painting pre-training, fine-tuned", ["--ssl", "none"], "inpaint"),
+    # HMTL from that same encoder (the same pre-training run): does the joint loss add to the
+    # starting point, or is the starting point what pre-training gives?
+    "finetune-hmtl-puzzle": ("puzzle pre-training, HMTL fine-tuned", ["--ssl", "puzzle"], "puzzle"),
+    "finetune-hmtl-inpaint": ("in-painting pre-training, HMTL fine-tuned", ["--ssl", "inpaint"], "inpaint"),
 }
 COMPARE_DEFAULT = ("none", "puzzle", "inpaint")
 COMPARE_FRACTIONS = (1.0, 0.2)  # the paper's low-data column: 20 % of the labels
@@ -1153,12 +1158,11 @@ def mean_std(values):
 @dataclass(frozen=True)
 class Cell:
     """One run of the comparison: a variant (COMPARE_VARIANTS key), a fraction, a seed, and
-    where it writes; `pretraining`: the folder of the pretext-only run it starts from."""
+    the folder it writes."""
     variant: str
     fraction: float
     seed: int
     folder: str
-    pretraining: str = None
 
     @property
     def name(self):
@@ -1166,20 +1170,20 @@ class Cell:
 
     @property
     def pretext(self):
-        """The pretext task of a fine-tuned cell's pre-training (finetune-<ssl>), else None."""
-        return self.variant.split("-", 1)[1] if self.variant.startswith("finetune-") else None
+        """The pretext task of a fine-tuned cell's pre-training, else None."""
+        return COMPARE_VARIANTS[self.variant][2]
+
+    @property
+    def pretraining(self):
+        """The folder of the pretext-only run a fine-tuned cell starts from, beside its own
+        (one run for every variant that starts from that pretext at that fraction and seed)."""
+        return self.pretext and os.path.join(os.path.dirname(self.folder),
+                                             f"pretrain-{self.pretext}-{self.fraction * 100:g}pct-seed{self.seed}")
 
 
 def compare_cells(out, variants, fractions, seeds):
-    cells = []
-    for fraction in fractions:
-        for variant in variants:
-            for seed in seeds:
-                pct = f"{fraction * 100:g}pct"
-                cell = Cell(variant, fraction, seed, os.path.join(out, f"{variant}-{pct}-seed{seed}"))
-                cells.append(dataclasses.replace(cell, pretraining=cell.pretext and os.path.join(
-                    out, f"pretrain-{cell.pretext}-{pct}-seed{seed}")))
-    return cells
+    return [Cell(variant, fraction, seed, os.path.join(out, f"{variant}-{fraction * 100:g}pct-seed{seed}"))
+            for fraction in fractions for variant in variants for seed in seeds]
 
 
 def with_resume(run_flags, folder):
@@ -1199,8 +1203,7 @@ def pretraining_flags(flags, cell):
     """The pretext-only run a fine-tuned cell starts from: every training face, labels unused,
     for as many steps as the cell's recipe takes over its fraction (the budget of the
     semi-supervised variant's pretext task)."""
-    finetuning = cell_flags(flags, dataclasses.replace(cell, pretraining=None))
-    epochs = resolve_config(parse_args(finetuning))["epochs"]
+    epochs = resolve_config(parse_args(cell_flags(flags, cell)))["epochs"]
     return with_resume([*flags, "--ssl", cell.pretext, "--pretrain", "--seed", str(cell.seed),
                         "--train-fraction", "1.0", "--epochs", str(max(1, round(epochs * cell.fraction))),
                         "--out", cell.pretraining], cell.pretraining)
@@ -1314,13 +1317,12 @@ def run_diagnostics(folder, pretraining=None):
 
 
 def epoch_entries(folder, kind):
-    """A run's metrics.jsonl entries of one kind ("epoch", "val"), one per epoch: a resumed
-    run logs an epoch again, and its last entry counts ([] for no run)."""
+    """A run's metrics.jsonl entries of one kind, one per epoch (eval.per_epoch; [] for no run)."""
     path = os.path.join(folder, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return list({e["epoch"]: e for e in map(json.loads, f) if e.get("kind") == kind}.values())
+        return evaluation.per_epoch(map(json.loads, f), kind)
 
 
 def training_done(folder):
