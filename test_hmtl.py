@@ -3459,6 +3459,21 @@ def test_fine_tuned_variants_start_from_one_pre_training_run(tmp_path):
             pretext_only["epochs"], pretext_only["augment"]) == ("inpaint", 0.0, 1.0, 4, "none")
 
 
+def test_compare_with_minutes_trains_each_run_in_its_own_process(tiny_demo, tmp_path, monkeypatch):
+    """--minutes, even one run at a time: each run in a process of its own, which
+    run_processes sends SIGTERM at the deadline (an in-process run would train on past it)."""
+    calls = []
+    monkeypatch.setattr(train, "run_processes", lambda jobs, at_once, deadline=None: calls.append(
+        ([folder for _, folder in jobs], at_once, deadline)) or [])
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail("trained in this process"))
+    before = time.time()
+    train.compare(["--dataset", "demo", "--data-root", tiny_demo, "--out", str(tmp_path), "--compare",
+                   "--variants", "none", "--fractions", "0.5", "--seeds", "0", "--minutes", "2"])
+    (folders, at_once, deadline), _ = calls  # then the fine-tuning runs: none here
+    assert folders == [str(tmp_path / "none-50pct-seed0")] and at_once == 1
+    assert before + 119 < deadline < time.time() + 121
+
+
 def test_an_unfinished_comparison_reports_what_has_finished(tmp_path, capsys):
     """Spread over sittings, --compare writes its table with the finished runs, the seeds each
     cell has, and names the runs still to train."""

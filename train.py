@@ -1249,7 +1249,10 @@ def compare(argv):
             check_same_settings(cell.pretraining, resolve_config(parse_args(pretraining_flags(flags, cell))),
                                 cell.seed)
     deadline = None if args.minutes is None else time.time() + 60 * args.minutes
-    if args.jobs > 1:  # the unfinished cells in parallel processes, then the table as below
+    # the unfinished cells in processes of their own, then the table as below: several at once,
+    # or one at a time with a deadline (a run sent SIGTERM saves last.pt and stops, this one goes on)
+    in_processes = args.jobs > 1 or deadline is not None
+    if in_processes:
         # low data, then seed by seed: soonest useful
         todo = sorted([cell for cell in cells if final_test(cell.folder) is None],
                       key=lambda cell: (cell.fraction, cell.seed))
@@ -1269,7 +1272,7 @@ def compare(argv):
     for k, cell in enumerate(cells, 1):
         result = final_test(cell.folder)
         began, reused = time.perf_counter(), result is not None
-        if result is None and args.jobs == 1 and not stopped and (deadline is None or time.time() < deadline):
+        if result is None and not in_processes and not stopped:
             if cell.pretraining and not training_done(cell.pretraining):
                 train_in_folder(pretraining_flags(flags, cell), cell.pretraining)
             if not cell.pretraining or training_done(cell.pretraining):
