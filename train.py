@@ -1121,7 +1121,8 @@ def end_epoch(run, progress):
 # SL + in-painting, on the whole training set and on a stratified 20 %, over several seeds;
 # and, with --variants, the ways to use the faces whose labels the low-data runs leave out:
 # semi-supervised HMTL and pretext-only pre-training then fine-tuning (the paper's section 4
-# comparison), with SL or with HMTL. Every variant gets the same recipe, budget and seeds; only its own flags vary.
+# comparison), with SL or with HMTL. Every variant gets the same recipe, budget and seeds;
+# only its own flags vary.
 
 COMPARE_VARIANTS = {  # its folders' prefix: (its name in the table, the flags that make it,
     #                      the pretext task of the pre-training run it starts from, if any)
