@@ -776,7 +776,7 @@ def fer2013_comparison(args, chosen_so_far):
                                if fer2013_settings(s) == fer2013_settings(chosen)), None),
                  **{ssl: os.path.join(grid, f"{ssl}-lambda{g['lambda_ssl']}-{g['view']}") for ssl, g in pretext.items()}}
     for ssl, source in grid_runs.items():
-        cell = os.path.join(compare, f"{ssl}-20pct-seed0")
+        cell = os.path.join(compare, train.run_name(ssl, 0.2, 0))
         if source and train.final_test(source) is not None and not os.path.exists(cell):
             shutil.copytree(source, cell)
     cells = {}
@@ -785,7 +785,7 @@ def fer2013_comparison(args, chosen_so_far):
                                     (1.0, args.epochs_full, train.COMPARE_SEEDS[1:args.full_seeds])):
         for seed in seeds:
             for ssl in train.COMPARE_DEFAULT:
-                folder = os.path.join(compare, f"{ssl}-{int(fraction * 100)}pct-seed{seed}")
+                folder = os.path.join(compare, train.run_name(ssl, fraction, seed))
                 cells[folder] = fer2013_flags(args.data_root, {**chosen, **pretext.get(ssl, {})},
                                               epochs, fraction, ssl, seed, folder, args.cache_dir,
                                               args.workers)

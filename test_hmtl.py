@@ -2474,9 +2474,10 @@ def test_compare_runs_every_cell_reports_and_continues_where_it_stopped(tiny_dem
     monkeypatch.setattr(train, "main", lambda argv: pytest.fail("retrained a finished run"))
     again = train.compare(flags)
     assert again["table"] == summary["table"]
-    assert train.compare([*flags, "--minutes", "0"])["table"] == summary["table"]  # a report only
-    assert "--minutes" not in json.loads((tmp_path / "compare.json").read_text())["flags"]  # not a run's flag
     assert all(r["seconds"] is None for r in again["runs"]) and "finished earlier" in capsys.readouterr().out
+    assert train.compare([*flags, "--minutes", "0"])["table"] == summary["table"]  # a report only
+    assert "runs to train" not in capsys.readouterr().out
+    assert "--minutes" not in json.loads((tmp_path / "compare.json").read_text())["flags"]  # not a run's flag
     # a folder trained with other settings is never mixed into the table
     with pytest.raises(train.RunError, match=r"none-100pct-seed0 was trained with lr=.*now 0.5"):
         train.compare([*flags, "--lr", "0.5"])
@@ -3434,7 +3435,9 @@ def test_compare_runs_semi_supervised_and_pretraining_variants(tiny_demo, tmp_pa
     assert summary["runs"][0]["pretext_metric"] == "l1_vs_fill" and summary["runs"][1]["pretext_metric"] == "positions_right"
     assert set(summary["learned"]["pretext_score"]["50 %"]) == {"semi-supervised in-painting",
                                                                "puzzle pre-training, fine-tuned"}
-    assert "what the runs learned" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "what the runs learned" in printed
+    assert f"{tmp_path / 'pretrain-puzzle-50pct-seed0'}: finished" in printed
     with pytest.raises(train.RunError, match="--variants: unknown semi-rotation"):
         train.compare([*flags, "--variants", "semi-rotation"])
     with pytest.raises(train.RunError, match="--compare sets --init itself"):

@@ -1179,11 +1179,15 @@ class Cell:
         """The folder of the pretext-only run a fine-tuned cell starts from, beside its own
         (one run for every variant that starts from that pretext at that fraction and seed)."""
         return self.pretext and os.path.join(os.path.dirname(self.folder),
-                                             f"pretrain-{self.pretext}-{self.fraction * 100:g}pct-seed{self.seed}")
+                                             run_name(f"pretrain-{self.pretext}", self.fraction, self.seed))
+
+
+def run_name(variant, fraction, seed):
+    return f"{variant}-{fraction * 100:g}pct-seed{seed}"
 
 
 def compare_cells(out, variants, fractions, seeds):
-    return [Cell(variant, fraction, seed, os.path.join(out, f"{variant}-{fraction * 100:g}pct-seed{seed}"))
+    return [Cell(variant, fraction, seed, os.path.join(out, run_name(variant, fraction, seed)))
             for fraction in fractions for variant in variants for seed in seeds]
 
 
@@ -1259,8 +1263,11 @@ def compare(argv):
                       key=lambda cell: (cell.fraction, cell.seed))
         pretraining = list({cell.pretraining: cell for cell in todo
                             if cell.pretraining and not training_done(cell.pretraining)}.values())
-        print(f"{len(todo)} runs to train ({len(pretraining)} pre-training runs first), "
-              f"{args.jobs} at a time", flush=True)
+        if deadline is not None and deadline <= time.time():  # --minutes 0: the table only
+            print(f"{len(todo)} runs not finished; --minutes {args.minutes:g} starts none", flush=True)
+        else:
+            print(f"{len(todo)} runs to train ({len(pretraining)} pre-training runs first), "
+                  f"{args.jobs} at a time", flush=True)
         command = [sys.executable, os.path.abspath(__file__)]
         # the pre-training runs first, beside the cells that need none; then the fine-tuning
         run_processes([([*command, *pretraining_flags(flags, cell)], cell.pretraining)
@@ -1424,7 +1431,7 @@ def run_processes(jobs, at_once, deadline=None):
     it) and no new one starts. Each job runs in its own session: a signal to the whole process
     group (the shell's Ctrl-C, a scheduler's time limit) reaches a job once, from here, since a
     second one makes a run leave without saving. Returns the folders whose run finished
-    (status 0 and a final test in its metrics); a job that failed (any other status) does not
+    (status 0 and `run_finished`); a job that failed (any other status) does not
     stop the others, but once they end it is an error, with the last line its log holds, so a
     scheduler sees the command fail."""
     import subprocess
@@ -1455,7 +1462,7 @@ def run_processes(jobs, at_once, deadline=None):
                 if process.poll() is not None:
                     log.close()
                     running.remove(entry)
-                    finished = process.returncode == 0 and final_test(folder) is not None
+                    finished = process.returncode == 0 and run_finished(folder)
                     done += [folder] if finished else []
                     failed += [(folder, process.returncode)] if process.returncode != 0 else []
                     print(f"{folder}: " + ("finished" if finished else "stopped; it resumes on a rerun"
@@ -1498,6 +1505,18 @@ def run_info(folder):
         return {}
     with open(path) as f:
         return json.load(f).get("run", {})
+
+
+def run_finished(folder):
+    """Whether the run in `folder` has ended: its final test written, or, for a pre-training
+    run (task weight 0, so no test), all its epochs trained."""
+    if final_test(folder) is not None:
+        return True
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f)["task_weight"] == 0 and training_done(folder)
 
 
 def final_test(folder):
