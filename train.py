@@ -1336,14 +1336,19 @@ def epoch_entries(folder, kind):
         return evaluation.per_epoch(map(json.loads, f), kind)
 
 
-def training_done(folder):
-    """Whether the run in `folder` trained all its epochs (a pre-training run has no test)."""
+def saved_config(folder):
+    """The configuration a run folder's config.json holds, or None before its run began."""
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
-        return False
+        return None
     with open(path) as f:
-        epochs = json.load(f)["epochs"]
-    return any(e["epoch"] >= epochs for e in epoch_entries(folder, "epoch"))
+        return json.load(f)
+
+
+def training_done(folder):
+    """Whether the run in `folder` trained all its epochs (a pre-training run has no test)."""
+    saved = saved_config(folder)
+    return saved is not None and any(e["epoch"] >= saved["epochs"] for e in epoch_entries(folder, "epoch"))
 
 
 def compare_report(runs, cells, out, flags, dataset):
@@ -1481,11 +1486,9 @@ def run_processes(jobs, at_once, deadline=None):
 def check_same_settings(folder, config, seed):
     """A run folder is reused or resumed only if it was trained with the settings this cell asks
     for (a changed recipe or flag would otherwise mix two experiments in one table)."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
+    saved = saved_config(folder)
+    if saved is None:
         return
-    with open(path) as f:
-        saved = json.load(f)
     # the settings themselves, not the recipe's name: a run trained with the same values
     # spelled out as flags (bench.py fer2013) is the same experiment
     # (a setting added since that run: it ran with the default; classes None: the data's count)
@@ -1500,23 +1503,13 @@ def check_same_settings(folder, config, seed):
 
 def run_info(folder):
     """The "run" entry of a run folder's config.json ({} if none)."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f).get("run", {})
+    return (saved_config(folder) or {}).get("run", {})
 
 
 def run_finished(folder):
     """Whether the run in `folder` has ended: its final test written, or, for a pre-training
     run (task weight 0, so no test), all its epochs trained."""
-    if final_test(folder) is not None:
-        return True
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return json.load(f)["task_weight"] == 0 and training_done(folder)
+    return final_test(folder) is not None or (training_done(folder) and saved_config(folder)["task_weight"] == 0)
 
 
 def final_test(folder):
